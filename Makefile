@@ -1,0 +1,30 @@
+# The two commands of the README: `make run` and `make test`.
+.PHONY: run test lint fmt deps build
+
+CARGO ?= cargo
+
+deps:
+	@scripts/ensure-deps.sh
+
+## make run: local Redis and Postgres, migrations, demo chats, and the services, in the foreground
+run: deps
+	@scripts/run-local.sh
+
+## make test: the whole suite against real Redis and Postgres servers the tests start themselves
+test: deps
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## make lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+build:
+	$(CARGO) build --workspace --release

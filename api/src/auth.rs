@@ -1,0 +1,235 @@
+//! Local validation of the auth-service's HS256 access tokens, and the scope a token grants.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The claims the auth-service puts in an access token.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub role: String,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub university_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faculty_id: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    SuperAdmin,
+    Curator,
+    Operator,
+}
+
+impl Role {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "super_admin" => Some(Role::SuperAdmin),
+            "curator" => Some(Role::Curator),
+            "operator" => Some(Role::Operator),
+            _ => None,
+        }
+    }
+}
+
+/// Which chats a caller may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    University(i32),
+    /// A curator or operator token without a usable `university_id` sees nothing, not everything.
+    Nothing,
+}
+
+/// The authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub user_id: String,
+    pub role: Role,
+    pub scope: Scope,
+}
+
+impl Principal {
+    pub fn require_super_admin(&self) -> Result<(), ApiError> {
+        if self.role == Role::SuperAdmin {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden)
+        }
+    }
+}
+
+/// Verifies tokens with the shared secret; only HS256 is accepted (so never `alg: none`).
+#[derive(Clone)]
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl TokenVerifier {
+    pub fn new(secret: &SecretString) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        Self {
+            key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+            validation,
+        }
+    }
+
+    /// Turns an `Authorization` header value into a principal: 401 for anything that is not a
+    /// valid, unexpired token of ours, 403 for a valid token with a role we do not know.
+    pub fn verify(&self, header: Option<&str>) -> Result<Principal, ApiError> {
+        let header = header.ok_or(ApiError::Unauthorized("missing bearer token"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::Unauthorized(
+                "authorization header is not a bearer token",
+            ))?;
+        let claims = decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    ApiError::Unauthorized("token has expired")
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    ApiError::Unauthorized("token signature is invalid")
+                }
+                _ => ApiError::Unauthorized("token is malformed or not signed with HS256"),
+            })?
+            .claims;
+        let role = Role::parse(&claims.role).ok_or(ApiError::Forbidden)?;
+        let scope = match role {
+            Role::SuperAdmin => Scope::All,
+            Role::Curator | Role::Operator => match claims.university_id.map(i32::try_from) {
+                Some(Ok(id)) => Scope::University(id),
+                _ => Scope::Nothing,
+            },
+        };
+        Ok(Principal {
+            user_id: claims.sub,
+            role,
+            scope,
+        })
+    }
+}
+
+/// Signs a token the way the auth-service does; `api token` and the tests use it.
+pub fn sign(secret: &SecretString, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+    )
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .map(|value| {
+                value
+                    .to_str()
+                    .map_err(|_| ApiError::Unauthorized("authorization header is not text"))
+            })
+            .transpose()?;
+        state.tokens.verify(header)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> SecretString {
+        SecretString::from("test-secret-test-secret".to_owned())
+    }
+
+    fn claims(role: &str, university_id: Option<i64>, exp: i64) -> Claims {
+        Claims {
+            sub: "7".into(),
+            role: role.into(),
+            exp,
+            university_id,
+            branch_id: None,
+            faculty_id: None,
+        }
+    }
+
+    fn in_an_hour() -> i64 {
+        chrono::Utc::now().timestamp() + 3600
+    }
+
+    fn bearer(token: &str) -> String {
+        format!("Bearer {token}")
+    }
+
+    #[test]
+    fn roles_map_to_scopes() {
+        let verifier = TokenVerifier::new(&secret());
+        let admin = sign(&secret(), &claims("super_admin", None, in_an_hour())).unwrap();
+        assert_eq!(
+            verifier.verify(Some(&bearer(&admin))).unwrap().scope,
+            Scope::All
+        );
+        let curator = sign(&secret(), &claims("curator", Some(3), in_an_hour())).unwrap();
+        assert_eq!(
+            verifier.verify(Some(&bearer(&curator))).unwrap().scope,
+            Scope::University(3)
+        );
+        let operator = sign(&secret(), &claims("operator", None, in_an_hour())).unwrap();
+        assert_eq!(
+            verifier.verify(Some(&bearer(&operator))).unwrap().scope,
+            Scope::Nothing
+        );
+        let unknown = sign(&secret(), &claims("superadmin", None, in_an_hour())).unwrap();
+        assert!(matches!(
+            verifier.verify(Some(&bearer(&unknown))),
+            Err(ApiError::Forbidden)
+        ));
+    }
+
+    #[test]
+    fn tokens_that_are_not_ours_are_unauthorized() {
+        let verifier = TokenVerifier::new(&secret());
+        let expired = sign(&secret(), &claims("super_admin", None, 1_000)).unwrap();
+        let foreign = sign(
+            &SecretString::from("another-secret-entirely".to_owned()),
+            &claims("super_admin", None, in_an_hour()),
+        )
+        .unwrap();
+        for header in [
+            None,
+            Some("Basic abc".to_owned()),
+            Some("Bearer ".to_owned()),
+            Some(bearer("not.a.jwt")),
+            Some(bearer(&expired)),
+            Some(bearer(&foreign)),
+        ] {
+            assert!(
+                matches!(
+                    verifier.verify(header.as_deref()),
+                    Err(ApiError::Unauthorized(_))
+                ),
+                "{header:?}"
+            );
+        }
+    }
+}

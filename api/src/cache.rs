@@ -1,0 +1,187 @@
+//! The api's view of Redis: cached counts, refresh enqueueing and syncd's status, behind a
+//! circuit breaker.
+//!
+//! When a command fails or times out the circuit opens and every request is served from
+//! Postgres without touching Redis, so a dead Redis adds no latency per request. A background
+//! probe PINGs Redis and closes the circuit once it answers again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::*;
+use shared::config::RedisArgs;
+use shared::counts::{self, CachedCount};
+use shared::keys;
+use shared::refresh::{self, Priority};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// How often the probe PINGs while the circuit is open.
+const PROBE_INTERVAL_OPEN: Duration = Duration::from_millis(500);
+/// How often the probe PINGs while the circuit is closed, to notice a dead Redis between requests.
+const PROBE_INTERVAL_CLOSED: Duration = Duration::from_secs(5);
+
+/// Redis as the api uses it. `client` is `None` under `DISABLE_REDIS`.
+pub struct Cache {
+    client: Option<Client>,
+    available: AtomicBool,
+    options: Options,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+/// Redis could not be used for this call.
+#[derive(Debug, thiserror::Error)]
+#[error("redis unavailable")]
+pub struct Unavailable;
+
+impl Cache {
+    /// Connects in the background; the circuit stays open until the first PING answers.
+    pub fn connect(args: &RedisArgs, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+        let client = if args.disable_redis {
+            None
+        } else {
+            Some(shared::redis::connect(args)?)
+        };
+        metrics.cache_available.set(0);
+        Ok(Arc::new(Self {
+            client,
+            available: AtomicBool::new(false),
+            options: Options {
+                timeout: Some(args.redis_timeout),
+                fail_fast: true,
+                max_attempts: Some(1),
+                ..Options::default()
+            },
+            timeout: args.redis_timeout,
+            metrics,
+        }))
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// Whether requests currently use Redis (the circuit is closed).
+    pub fn is_available(&self) -> bool {
+        self.client.is_some() && self.available.load(Ordering::Relaxed)
+    }
+
+    fn usable(&self) -> Option<&Client> {
+        self.client.as_ref().filter(|_| self.is_available())
+    }
+
+    fn trip(&self, what: &'static str, error: &dyn std::fmt::Display) {
+        self.metrics.cache_errors.inc();
+        if self.available.swap(false, Ordering::Relaxed) {
+            self.metrics.cache_available.set(0);
+            tracing::warn!(operation = what, error = %error, "redis failed; serving from postgres until it answers again");
+        }
+    }
+
+    /// Runs one Redis operation under the circuit and the round-trip deadline.
+    async fn call<T, F>(&self, what: &'static str, operation: F) -> Result<T, Unavailable>
+    where
+        F: std::future::Future<Output = Result<T, fred::error::Error>>,
+    {
+        match tokio::time::timeout(self.timeout, operation).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                self.trip(what, &error);
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.trip(what, &"timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+
+    /// Cached counts of a page of chats in one round trip, or `Unavailable`.
+    pub async fn read_counts(
+        &self,
+        chat_ids: &[i32],
+    ) -> Result<HashMap<i32, CachedCount>, Unavailable> {
+        let client = self.usable().ok_or(Unavailable)?;
+        self.call(
+            "read counts",
+            counts::read_many(client, &self.options, chat_ids),
+        )
+        .await
+    }
+
+    /// Enqueues refreshes for the chats not enqueued within `marker_ttl`.
+    pub async fn enqueue(
+        &self,
+        priority: Priority,
+        chat_ids: &[i32],
+        marker_ttl: Duration,
+    ) -> Result<u64, Unavailable> {
+        let client = self.usable().ok_or(Unavailable)?;
+        let added = self
+            .call(
+                "enqueue refresh",
+                refresh::enqueue(client, priority, chat_ids, marker_ttl, None),
+            )
+            .await?;
+        self.metrics
+            .refresh_enqueued
+            .with_label_values(&[priority.as_str()])
+            .inc_by(added);
+        Ok(added)
+    }
+
+    /// syncd's fleet status hash, for `/health/detailed`.
+    pub async fn syncd_status(&self) -> Result<HashMap<String, String>, Unavailable> {
+        let client = self.usable().ok_or(Unavailable)?;
+        self.call(
+            "read syncd status",
+            client
+                .with_options(&self.options)
+                .hgetall(keys::SYNCD_STATUS),
+        )
+        .await
+    }
+
+    /// One PING, without the circuit: true when Redis answered in time.
+    pub async fn ping(&self) -> bool {
+        let Some(client) = &self.client else {
+            return false;
+        };
+        let client = client.with_options(&self.options);
+        let ping = client.ping::<String>(None);
+        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+    }
+
+    /// Keeps the circuit in step with Redis until `cancel` fires.
+    pub async fn run_probe(self: Arc<Self>, cancel: CancellationToken) {
+        if self.client.is_none() {
+            return;
+        }
+        loop {
+            let healthy = self.ping().await;
+            let was = self.available.swap(healthy, Ordering::Relaxed);
+            self.metrics.cache_available.set(i64::from(healthy));
+            if healthy && !was {
+                tracing::info!("redis answers; serving counts from the cache");
+            } else if !healthy && was {
+                self.metrics.cache_errors.inc();
+                tracing::warn!(
+                    "redis stopped answering; serving from postgres until it answers again"
+                );
+            }
+            let pause = if healthy {
+                PROBE_INTERVAL_CLOSED
+            } else {
+                PROBE_INTERVAL_OPEN
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Command line and environment configuration of the `api` binary.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+use shared::config::{
+    parse_bool, parse_duration, parse_secret, DatabaseArgs, FreshnessArgs, LogArgs, RedisArgs,
+};
+
+/// Read-only HTTP API of the participants service: chats from Postgres, participant counts from
+/// Redis with a Postgres fallback. It never calls the MAX API; stale counts are enqueued for
+/// `syncd`. Every flag can also be set by the environment variable shown beside it.
+#[derive(Parser, Debug)]
+#[command(name = "api", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the HTTP API
+    Serve(Box<ServeArgs>),
+    /// Apply the embedded database migrations and exit (safe to run twice, and on the legacy schema)
+    Migrate(MigrateArgs),
+    /// Print a signed access token, for local runs and smoke tests
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address the HTTP server listens on
+    #[arg(long, env = "API_LISTEN_ADDR", default_value = "0.0.0.0:8082")]
+    pub listen_addr: SocketAddr,
+
+    /// HS256 secret of the auth-service's access tokens
+    #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub jwt_secret: SecretString,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub freshness: FreshnessArgs,
+
+    /// How long POST /chats/{id}/refresh-participants waits for syncd before answering 202
+    #[arg(long, env = "PARTICIPANTS_REFRESH_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub participants_refresh_wait: Duration,
+
+    /// Enqueue a refresh when a read finds a count stale or missing
+    #[arg(long, env = "PARTICIPANTS_ENABLE_LAZY_UPDATE", default_value = "true", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub participants_enable_lazy_update: bool,
+
+    /// Serve Postgres values only and enqueue nothing (Redis counts are not read)
+    #[arg(long, env = "PARTICIPANTS_INTEGRATION_DISABLED", default_value = "false", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub participants_integration_disabled: bool,
+
+    /// How long a chat stays marked as enqueued, so a hot stale chat is enqueued once per window
+    #[arg(long, env = "PARTICIPANTS_REFRESH_DEDUP_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub participants_refresh_dedup_ttl: Duration,
+
+    /// Most time one HTTP request may take before it is answered 503
+    #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl ServeArgs {
+    /// Checks what clap cannot: values against each other and URLs that parse. The error
+    /// names the setting at fault and never repeats a secret.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.jwt_secret.expose_secret().len() < 16 {
+            return Err("JWT_SECRET must be at least 16 bytes long".to_owned());
+        }
+        self.freshness.validate()?;
+        shared::db::connect_options(&self.database).map_err(|e| e.to_string())?;
+        if !self.redis.disable_redis {
+            shared::redis::validate_url(&self.redis).map_err(|e| e.to_string())?;
+        }
+        if self.redis.redis_timeout.is_zero() {
+            return Err("REDIS_TIMEOUT must be greater than zero".to_owned());
+        }
+        if self.participants_refresh_wait > Duration::from_secs(60) {
+            return Err("PARTICIPANTS_REFRESH_WAIT must be at most 60s".to_owned());
+        }
+        if self.participants_refresh_dedup_ttl.is_zero() {
+            return Err("PARTICIPANTS_REFRESH_DEDUP_TTL must be greater than zero".to_owned());
+        }
+        if self.request_timeout <= self.participants_refresh_wait {
+            return Err(
+                "API_REQUEST_TIMEOUT must be longer than PARTICIPANTS_REFRESH_WAIT".to_owned(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// HS256 secret to sign with
+    #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub jwt_secret: SecretString,
+
+    /// Role claim: super_admin, curator or operator
+    #[arg(long, default_value = "super_admin")]
+    pub role: String,
+
+    /// university_id claim (curators and operators see only this university's chats)
+    #[arg(long)]
+    pub university_id: Option<i64>,
+
+    /// Subject (user id) claim
+    #[arg(long, default_value = "local-admin")]
+    pub sub: String,
+
+    /// How long the token is valid
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    fn serve(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["api", "serve", "--jwt-secret", "0123456789abcdef0123"];
+        if !extra.contains(&"--database-url") {
+            argv.extend_from_slice(&["--database-url", "postgres://u:p@127.0.0.1:5432/db"]);
+        }
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => *args,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_seeds() {
+        let args = serve(&[]);
+        assert_eq!(args.listen_addr.port(), 8082);
+        assert_eq!(
+            args.freshness.participants_cache_ttl,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            args.freshness.participants_stale_threshold,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(args.participants_refresh_wait, Duration::from_secs(2));
+        assert!(args.participants_enable_lazy_update);
+        assert!(!args.participants_integration_disabled);
+        assert!(!args.redis.disable_redis);
+        args.validate().unwrap();
+    }
+
+    #[test]
+    fn a_bad_value_is_reported_with_its_setting() {
+        let err = Cli::try_parse_from([
+            "api",
+            "serve",
+            "--jwt-secret",
+            "x",
+            "--database-url",
+            "postgres://h/db",
+            "--participants-cache-ttl",
+            "soon",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--participants-cache-ttl"), "{err}");
+
+        let err = serve(&["--redis-url", "mysql://nope"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("REDIS_URL"), "{err}");
+        let err = serve(&["--database-url", "not a url"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let args = serve(&[]);
+        let printed = format!("{args:?}");
+        assert!(!printed.contains("0123456789abcdef0123"));
+        assert!(!printed.contains("u:p@"));
+    }
+}

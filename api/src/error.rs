@@ -1,0 +1,144 @@
+//! The one error type of the HTTP layer: variants named by outcome, one status per variant,
+//! JSON bodies `{"error": {"code", "message"}}`, and 5xx bodies that carry no internal detail.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Seconds a client should wait before retrying a 503 (the `Retry-After` header).
+pub const RETRY_AFTER_SECONDS: &str = "5";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("this token's role may not do this")]
+    Forbidden,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Postgres cannot be reached or did not answer in time.
+    #[error("database unavailable")]
+    DatabaseUnavailable(#[source] sqlx::Error),
+    /// Refreshes cannot be requested: Redis is down or disabled, or the integration is off.
+    #[error("refresh unavailable: {0}")]
+    RefreshUnavailable(&'static str),
+    #[error("request timed out")]
+    Timeout,
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+/// The body of every error response.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `unauthorized` or `database_unavailable`
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::DatabaseUnavailable(_)
+            | ApiError::RefreshUnavailable(_)
+            | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::DatabaseUnavailable(_) => "database_unavailable",
+            ApiError::RefreshUnavailable(_) => "refresh_unavailable",
+            ApiError::Timeout => "timeout",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// Query failures: the database being unreachable is a 503, anything else is a bug (500).
+    pub fn from_db(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => ApiError::DatabaseUnavailable(error),
+            sqlx::Error::Database(db)
+                // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections
+                if matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03" | "53300")) =>
+            {
+                ApiError::DatabaseUnavailable(error)
+            }
+            _ => ApiError::Internal(error.into()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        ApiError::from_db(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        match &self {
+            ApiError::DatabaseUnavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+            }
+            ApiError::Internal(cause) => {
+                tracing::error!(error = ?cause, "request failed");
+            }
+            _ => {}
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_do_not_leak_their_cause() {
+        let error = ApiError::Internal(anyhow::anyhow!("password=hunter2 at 10.0.0.1"));
+        assert_eq!(error.to_string(), "internal error");
+        let error = ApiError::DatabaseUnavailable(sqlx::Error::PoolTimedOut);
+        assert_eq!(error.to_string(), "database unavailable");
+    }
+}

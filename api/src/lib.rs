@@ -1,0 +1,115 @@
+//! The `api` binary's library: `run` serves the HTTP API until a shutdown future resolves.
+//!
+//! Tests call the same `run` as `main`, on a listener bound to port 0.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub mod auth;
+pub mod cache;
+pub mod chats;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod participants;
+pub mod routes;
+pub mod state;
+pub mod waiters;
+
+use crate::config::ServeArgs;
+use crate::participants::Freshness;
+use crate::state::{AppState, Settings};
+
+/// Longest time in-flight requests get to finish after shutdown is asked for; shorter than
+/// Kubernetes' default 30 s grace period.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Serves the api on `listener` until `shutdown` resolves, then drains in-flight requests.
+pub async fn run(
+    args: ServeArgs,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = metrics::Metrics::new();
+    let db = shared::db::pool(&args.database)?;
+    let cache = cache::Cache::connect(&args.redis, metrics.clone())?;
+    let waiters = waiters::RefreshWaiters::new();
+    let background = CancellationToken::new();
+
+    tokio::spawn(cache.clone().run_probe(background.clone()));
+    let integration_enabled = !args.participants_integration_disabled;
+    if integration_enabled && !args.redis.disable_redis {
+        let subscriber = shared::redis::connect_subscriber(&args.redis)?;
+        tokio::spawn(waiters.clone().run_listener(subscriber, background.clone()));
+    }
+
+    let state = AppState {
+        db: db.clone(),
+        cache,
+        tokens: auth::TokenVerifier::new(&args.jwt_secret),
+        metrics,
+        waiters,
+        settings: Arc::new(Settings {
+            freshness: Freshness {
+                cache_ttl: args.freshness.participants_cache_ttl,
+                stale_threshold: args.freshness.participants_stale_threshold,
+                lazy_update: args.participants_enable_lazy_update,
+            },
+            integration_enabled,
+            refresh_wait: args.participants_refresh_wait,
+            refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
+            request_timeout: args.request_timeout,
+        }),
+    };
+
+    let address = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    tracing::info!(%address, redis = !args.redis.disable_redis, integration = integration_enabled, "api listening");
+
+    let draining = CancellationToken::new();
+    let drain_signal = draining.clone();
+    let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        drain_signal.cancel();
+    });
+    let result = tokio::select! {
+        result = server => result.context("http server failed"),
+        () = async { draining.cancelled().await; tokio::time::sleep(DRAIN_DEADLINE).await } => {
+            tracing::warn!(deadline_s = DRAIN_DEADLINE.as_secs(), "in-flight requests did not finish in time");
+            Ok(())
+        }
+    };
+    background.cancel();
+    db.close().await;
+    tracing::info!("api stopped");
+    result
+}
+
+/// Applies every embedded migration. Safe to run twice and on the legacy chat-service schema.
+pub async fn migrate(database: &shared::config::DatabaseArgs) -> anyhow::Result<()> {
+    let options = shared::db::connect_options(database)?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(
+            database
+                .database_acquire_timeout
+                .max(Duration::from_secs(10)),
+        )
+        .connect_with(options)
+        .await
+        .context("cannot connect to DATABASE_URL")?;
+    shared::db::MIGRATOR
+        .run(&pool)
+        .await
+        .context("migration failed")?;
+    let applied = shared::db::MIGRATOR.iter().count();
+    tracing::info!(migrations = applied, "database is up to date");
+    pool.close().await;
+    Ok(())
+}

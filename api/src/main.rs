@@ -1,0 +1,85 @@
+//! `api`: parse and validate the configuration, then serve, migrate, or print a token.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use api::config::{Cli, Command};
+use clap::Parser;
+
+/// Exit code for a configuration error (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => {
+            if let Err(message) = args.validate() {
+                eprintln!("api: invalid configuration: {message}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            if let Err(message) = shared::telemetry::init(&args.log) {
+                eprintln!("api: invalid configuration: {message}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            runtime().and_then(|rt| {
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::bind(args.listen_addr)
+                        .await
+                        .with_context(|| {
+                            format!("cannot listen on API_LISTEN_ADDR {}", args.listen_addr)
+                        })?;
+                    api::run(*args, listener, shared::shutdown::signal()).await
+                })
+            })
+        }
+        Command::Migrate(args) => {
+            if let Err(message) = shared::db::connect_options(&args.database)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+                .and_then(|()| shared::telemetry::init(&args.log))
+            {
+                eprintln!("api: invalid configuration: {message}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            runtime().and_then(|rt| rt.block_on(api::migrate(&args.database)))
+        }
+        Command::Token(args) => {
+            let claims = api::auth::Claims {
+                sub: args.sub,
+                role: args.role,
+                exp: chrono::Utc::now().timestamp() + args.ttl.as_secs() as i64,
+                university_id: args.university_id,
+                branch_id: None,
+                faculty_id: None,
+            };
+            api::auth::sign(&args.jwt_secret, &claims)
+                .map(|token| println!("{token}"))
+                .context("cannot sign the token")
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "api failed");
+            eprintln!("api: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}

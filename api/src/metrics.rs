@@ -1,0 +1,152 @@
+//! Prometheus metrics of the `api` process. Names follow the seeds (`participants_*`).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub cache_errors: IntCounter,
+    pub cache_available: IntGauge,
+    pub fallback_usage: IntCounter,
+    pub stale_served: IntCounter,
+    pub data_freshness: Histogram,
+    pub refresh_enqueued: IntCounterVec,
+    pub refresh_waits: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric name is valid");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registers once");
+            c
+        };
+        let cache_hits = counter(
+            "participants_cache_hits_total",
+            "Counts served from the Redis cache",
+        );
+        let cache_misses = counter(
+            "participants_cache_misses_total",
+            "Counts looked up in Redis and not found there (absent or past the cache TTL)",
+        );
+        let cache_errors = counter(
+            "participants_cache_errors_total",
+            "Redis commands that failed or timed out",
+        );
+        let fallback_usage = counter(
+            "participants_fallback_usage_total",
+            "Requests whose counts came from Postgres because Redis was unavailable",
+        );
+        let stale_served = counter(
+            "participants_stale_served_total",
+            "Counts served older than PARTICIPANTS_STALE_THRESHOLD, or never refreshed",
+        );
+        let cache_available = IntGauge::new(
+            "participants_cache_available",
+            "1 while the api uses Redis, 0 while it serves from Postgres alone",
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(cache_available.clone()))
+            .expect("metric registers once");
+        let data_freshness = Histogram::with_opts(
+            HistogramOpts::new(
+                "participants_data_freshness_seconds",
+                "Age of each served count (now minus when MAX was asked)",
+            )
+            .buckets(vec![
+                60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0, 604800.0,
+            ]),
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(data_freshness.clone()))
+            .expect("metric registers once");
+        let refresh_enqueued = IntCounterVec::new(
+            Opts::new(
+                "participants_refresh_enqueued_total",
+                "Refresh requests added to the refresh streams, by priority",
+            ),
+            &["priority"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(refresh_enqueued.clone()))
+            .expect("metric registers once");
+        let refresh_waits = IntCounterVec::new(
+            Opts::new(
+                "participants_refresh_waits_total",
+                "Refresh-and-wait requests by outcome: updated (answered in time) or queued",
+            ),
+            &["outcome"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(refresh_waits.clone()))
+            .expect("metric registers once");
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(http_requests.clone()))
+            .expect("metric registers once");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["route"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(http_duration.clone()))
+            .expect("metric registers once");
+        Self {
+            registry,
+            cache_hits,
+            cache_misses,
+            cache_errors,
+            cache_available,
+            fallback_usage,
+            stale_served,
+            data_freshness,
+            refresh_enqueued,
+            refresh_waits,
+            http_requests,
+            http_duration,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding of gathered metrics does not fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,157 @@
+//! Liveness and dependency health. None of these needs a token.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+use shared::keys::status;
+use utoipa::ToSchema;
+
+use crate::chats;
+use crate::state::AppState;
+
+/// A syncd replica whose heartbeat is older than this is not counted as alive.
+const HEARTBEAT_FRESH: Duration = Duration::from_secs(60);
+/// Most time a health check waits for Postgres.
+const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Liveness {
+    /// Always `ok`
+    pub status: &'static str,
+}
+
+/// The process is up. Touches no dependency.
+#[utoipa::path(get, path = "/health", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Liveness)))]
+pub async fn health() -> Json<Liveness> {
+    Json(Liveness { status: "ok" })
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DependencyStatus {
+    /// up, down, or disabled
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SyncdStatus {
+    /// up (a replica beat in the last minute), down, or unknown (Redis cannot tell)
+    pub status: &'static str,
+    /// Replicas whose heartbeat is fresh
+    pub replicas: usize,
+    /// valid, invalid, or unknown: whether MAX last accepted the bot token
+    pub max_token: String,
+    pub max_last_success_at: Option<DateTime<Utc>>,
+    pub max_last_error_at: Option<DateTime<Utc>>,
+    pub max_last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DetailedHealth {
+    /// ok (all up), degraded (serving, something is down), or unavailable (Postgres is down)
+    pub status: &'static str,
+    pub database: DependencyStatus,
+    pub redis: DependencyStatus,
+    pub syncd: SyncdStatus,
+}
+
+fn millis(text: Option<&String>) -> Option<DateTime<Utc>> {
+    text.and_then(|t| t.parse::<i64>().ok())
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+}
+
+async fn syncd_status(state: &AppState) -> SyncdStatus {
+    let unknown = SyncdStatus {
+        status: "unknown",
+        replicas: 0,
+        max_token: "unknown".to_owned(),
+        max_last_success_at: None,
+        max_last_error_at: None,
+        max_last_error: None,
+    };
+    let Ok(fields) = state.cache.syncd_status().await else {
+        return unknown;
+    };
+    let now = Utc::now();
+    let replicas = fields
+        .iter()
+        .filter(|(name, _)| name.starts_with(status::HEARTBEAT_PREFIX))
+        .filter_map(|(_, value)| millis(Some(value)))
+        .filter(|beat| shared::counts::age(now, *beat) <= HEARTBEAT_FRESH)
+        .count();
+    SyncdStatus {
+        status: if replicas > 0 { "up" } else { "down" },
+        replicas,
+        max_token: fields
+            .get(status::MAX_TOKEN)
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned()),
+        max_last_success_at: millis(fields.get(status::MAX_LAST_SUCCESS_AT)),
+        max_last_error_at: millis(fields.get(status::MAX_LAST_ERROR_AT)),
+        max_last_error: fields.get(status::MAX_LAST_ERROR).cloned(),
+    }
+}
+
+/// Every dependency's state. 200 while the api can serve (even from Postgres alone), 503 while
+/// Postgres is down.
+#[utoipa::path(get, path = "/health/detailed", tag = "health",
+    responses(
+        (status = 200, description = "The api can serve", body = DetailedHealth),
+        (status = 503, description = "Postgres is down", body = DetailedHealth),
+    ))]
+pub async fn health_detailed(State(state): State<AppState>) -> (StatusCode, Json<DetailedHealth>) {
+    let database_up = matches!(
+        tokio::time::timeout(DATABASE_CHECK_TIMEOUT, chats::ping(&state.db)).await,
+        Ok(Ok(()))
+    );
+    let redis = redis_status(&state).await;
+    let syncd = syncd_status(&state).await;
+    let all_up =
+        database_up && redis == "up" && syncd.status == "up" && syncd.max_token != "invalid";
+    let (code, status) = match (database_up, all_up) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (true, true) => (StatusCode::OK, "ok"),
+        (true, false) => (StatusCode::OK, "degraded"),
+    };
+    (
+        code,
+        Json(DetailedHealth {
+            status,
+            database: DependencyStatus {
+                status: if database_up { "up" } else { "down" },
+            },
+            redis: DependencyStatus { status: redis },
+            syncd,
+        }),
+    )
+}
+
+async fn redis_status(state: &AppState) -> &'static str {
+    if !state.cache.is_enabled() {
+        "disabled"
+    } else if state.cache.ping().await {
+        "up"
+    } else {
+        "down"
+    }
+}
+
+/// Redis' state: 200 while it answers, 503 while it is down or disabled.
+#[utoipa::path(get, path = "/health/redis", tag = "health",
+    responses(
+        (status = 200, description = "Redis answers", body = DependencyStatus),
+        (status = 503, description = "Redis is down, or disabled by DISABLE_REDIS", body = DependencyStatus),
+    ))]
+pub async fn health_redis(State(state): State<AppState>) -> (StatusCode, Json<DependencyStatus>) {
+    let status = redis_status(&state).await;
+    let code = if status == "up" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(DependencyStatus { status }))
+}

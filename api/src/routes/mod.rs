@@ -1,0 +1,85 @@
+//! The HTTP surface: routes, and the middleware every request passes through.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub mod chats;
+pub mod docs;
+pub mod health;
+
+/// Every route of the api.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/chats/all", get(chats::list_chats))
+        .route("/chats/{id}", get(chats::get_chat))
+        .route(
+            "/chats/{id}/refresh-participants",
+            post(chats::refresh_participants),
+        )
+        .route("/health", get(health::health))
+        .route("/health/detailed", get(health::health_detailed))
+        .route("/health/redis", get(health::health_redis))
+        .route("/metrics", get(docs::metrics))
+        .route("/openapi.json", get(docs::openapi_json))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(CatchPanicLayer::custom(|_| {
+            tracing::error!("handler panicked");
+            ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
+        }))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Times each request out, records its metrics, and logs it once.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().clone();
+    let response =
+        match tokio::time::timeout(state.settings.request_timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => ApiError::Timeout.into_response(),
+        };
+    let elapsed = started.elapsed();
+    let status = response.status();
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .inc();
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[route.as_str()])
+        .observe(elapsed.as_secs_f64());
+    if status.is_server_error() {
+        tracing::warn!(http.route = %route, http.method = %method, http.status = status.as_u16(),
+            duration_ms = elapsed.as_millis() as u64, "request failed");
+    } else {
+        tracing::debug!(http.route = %route, http.method = %method, http.status = status.as_u16(),
+            duration_ms = elapsed.as_millis() as u64, "request served");
+    }
+    response
+}

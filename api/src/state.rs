@@ -1,0 +1,33 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::auth::TokenVerifier;
+use crate::cache::Cache;
+use crate::metrics::Metrics;
+use crate::participants::Freshness;
+use crate::waiters::RefreshWaiters;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub cache: Arc<Cache>,
+    pub tokens: TokenVerifier,
+    pub metrics: Metrics,
+    pub waiters: RefreshWaiters,
+    pub settings: Arc<Settings>,
+}
+
+/// The serving settings handlers read.
+#[derive(Debug)]
+pub struct Settings {
+    pub freshness: Freshness,
+    /// Read counts from Redis and enqueue refreshes; false under PARTICIPANTS_INTEGRATION_DISABLED.
+    pub integration_enabled: bool,
+    pub refresh_wait: Duration,
+    pub refresh_dedup_ttl: Duration,
+    pub request_timeout: Duration,
+}

@@ -1,0 +1,231 @@
+//! The read-path rows of the fault matrix, each with the real server stopped or killed.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use shared::counts::{write_fenced, CachedCount};
+
+use crate::helpers::{eventually, metric, NewChat, TestApp};
+
+async fn cache_count(app: &TestApp, chat_id: i32, count: i32) {
+    let client = app.redis_client().await;
+    let value = CachedCount {
+        count,
+        updated_at: Utc::now(),
+    };
+    write_fenced(&client, &[(chat_id, value)], Duration::from_secs(3600))
+        .await
+        .unwrap();
+}
+
+async fn first_chat(app: &TestApp) -> serde_json::Value {
+    app.get_json("/chats/all").await["data"][0].clone()
+}
+
+#[tokio::test]
+async fn list_falls_back_to_postgres_when_redis_is_killed_and_returns_to_the_cache() {
+    let mut app = TestApp::spawn().await;
+    let id = app
+        .insert_chat(NewChat {
+            participants_count: 10,
+            ..NewChat::default()
+        })
+        .await;
+    cache_count(&app, id, 77).await;
+    let chat = first_chat(&app).await;
+    assert_eq!(
+        (
+            chat["participants_count"].as_i64(),
+            chat["participants_source"].as_str()
+        ),
+        (Some(77), Some("cache"))
+    );
+
+    app.redis.kill();
+    for _ in 0..3 {
+        let chat = first_chat(&app).await;
+        assert_eq!(chat["participants_count"], 10);
+        assert_eq!(chat["participants_source"], "database");
+    }
+    assert_eq!(app.get("/health/redis", None).await.status(), 503);
+    let detailed = app.get("/health/detailed", None).await;
+    assert_eq!(detailed.status(), 200);
+    let detailed: serde_json::Value = detailed.json().await.unwrap();
+    assert_eq!(detailed["redis"]["status"], "down");
+    assert_eq!(detailed["status"], "degraded");
+
+    // The circuit is open: further requests neither touch Redis nor wait for it.
+    let before = app.metrics().await;
+    for _ in 0..20 {
+        assert_eq!(first_chat(&app).await["participants_source"], "database");
+    }
+    let after = app.metrics().await;
+    assert_eq!(metric(&after, "participants_cache_available"), 0.0);
+    assert_eq!(
+        metric(&after, "participants_cache_errors_total"),
+        metric(&before, "participants_cache_errors_total")
+    );
+    assert!(
+        metric(&after, "participants_fallback_usage_total")
+            >= metric(&before, "participants_fallback_usage_total") + 20.0
+    );
+
+    app.redis.restart();
+    cache_count(&app, id, 78).await;
+    let app = &app;
+    eventually(Duration::from_secs(15), || async move {
+        let chat = first_chat(app).await;
+        chat["participants_source"] == "cache" && chat["participants_count"] == 78
+    })
+    .await;
+    assert_eq!(app.get("/health/redis", None).await.status(), 200);
+}
+
+#[tokio::test]
+async fn redis_down_at_start_up_does_not_stop_the_api() {
+    let pg = testkit::PgServer::start();
+    let dead_port = testkit::free_port();
+    let args = crate::helpers::serve_args(&pg, &format!("redis://127.0.0.1:{dead_port}"));
+    api::migrate(&args.database).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::run(args, listener, async move {
+        let _ = rx.await;
+    }));
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    sqlx::query("insert into chats (name, url, source) values ('x', 'u', 'admin_panel')")
+        .execute(&db)
+        .await
+        .unwrap();
+    let token = crate::helpers::token_with(
+        crate::helpers::JWT_SECRET,
+        "super_admin",
+        None,
+        Utc::now().timestamp() + 60,
+    );
+    let page: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{address}/chats/all"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["data"][0]["participants_source"], "database");
+    tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn list_answers_503_while_postgres_is_down_and_recovers_by_itself() {
+    let mut app = TestApp::spawn().await;
+    app.insert_chat(NewChat::default()).await;
+    app.get_json("/chats/all").await;
+
+    for crash in [false, true] {
+        if crash {
+            app.pg.kill();
+        } else {
+            app.pg.stop();
+        }
+        for path in ["/chats/all", "/chats/1"] {
+            let response = app.get(path, Some(&app.admin())).await;
+            assert_eq!(response.status(), 503, "{path} crash={crash}");
+            assert_eq!(response.headers()["retry-after"], "5");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "database_unavailable");
+            assert_eq!(body["error"]["message"], "database unavailable");
+        }
+        assert_eq!(app.get("/health", None).await.status(), 200);
+        assert_eq!(app.get("/health/detailed", None).await.status(), 503);
+
+        app.pg.start_again();
+        let app = &app;
+        eventually(Duration::from_secs(20), || async move {
+            app.get("/chats/all", Some(&app.admin())).await.status() == 200
+        })
+        .await;
+        assert_eq!(app.get("/health/detailed", None).await.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn disable_redis_serves_postgres_without_touching_redis() {
+    let dead_port = testkit::free_port();
+    let app = TestApp::spawn_with(|args| {
+        args.redis.disable_redis = true;
+        args.redis.redis_url = format!("redis://127.0.0.1:{dead_port}").into();
+    })
+    .await;
+    let id = app
+        .insert_chat(NewChat {
+            participants_count: 12,
+            ..NewChat::default()
+        })
+        .await;
+    let chat = first_chat(&app).await;
+    assert_eq!(
+        (
+            chat["participants_count"].as_i64(),
+            chat["participants_source"].as_str()
+        ),
+        (Some(12), Some("database"))
+    );
+    assert_eq!(chat["participants_stale"], true);
+    let redis = app.get("/health/redis", None).await;
+    assert_eq!(redis.status(), 503);
+    assert_eq!(
+        redis.json::<serde_json::Value>().await.unwrap()["status"],
+        "disabled"
+    );
+    assert_eq!(app.get("/health/detailed", None).await.status(), 200);
+    let refresh = app
+        .post(
+            &format!("/chats/{id}/refresh-participants"),
+            Some(&app.admin()),
+        )
+        .await;
+    assert_eq!(refresh.status(), 503);
+    let metrics = app.metrics().await;
+    assert_eq!(metric(&metrics, "participants_cache_errors_total"), 0.0);
+    assert_eq!(
+        metric(&metrics, "participants_cache_hits_total")
+            + metric(&metrics, "participants_cache_misses_total"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn integration_disabled_serves_postgres_values_and_enqueues_nothing() {
+    let app = TestApp::spawn_with(|args| args.participants_integration_disabled = true).await;
+    let id = app
+        .insert_chat(NewChat {
+            participants_count: 12,
+            ..NewChat::default()
+        })
+        .await;
+    cache_count(&app, id, 99).await;
+    for _ in 0..3 {
+        let chat = first_chat(&app).await;
+        assert_eq!(
+            (
+                chat["participants_count"].as_i64(),
+                chat["participants_source"].as_str()
+            ),
+            (Some(12), Some("database"))
+        );
+        assert_eq!(chat["participants_stale"], true);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.stream_len(shared::keys::REFRESH_STREAM_LAZY).await, 0);
+    let refresh = app
+        .post(
+            &format!("/chats/{id}/refresh-participants"),
+            Some(&app.admin()),
+        )
+        .await;
+    assert_eq!(refresh.status(), 503);
+    assert_eq!(app.stream_len(shared::keys::REFRESH_STREAM_MANUAL).await, 0);
+}

@@ -1,0 +1,281 @@
+//! Lazy refresh enqueueing, the dedup marker, and refresh-and-wait.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use fred::prelude::*;
+use fred::types::streams::XReadResponse;
+use shared::counts::{write_fenced, CachedCount};
+use shared::keys;
+use shared::refresh::{Priority, RefreshOutcome, RefreshRequest};
+
+use crate::helpers::{eventually, NewChat, TestApp};
+
+async fn read_stream(app: &TestApp, stream: &str) -> Vec<RefreshRequest> {
+    let client = app.redis_client().await;
+    let entries: Vec<(String, HashMap<String, String>)> =
+        client.xrange(stream, "-", "+", None).await.unwrap();
+    entries
+        .iter()
+        .map(|(_, fields)| RefreshRequest::from_fields(fields).expect("entries parse"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_hot_stale_chat_is_enqueued_once_not_once_per_read() {
+    let app = TestApp::spawn().await;
+    let stale = app
+        .insert_chat(NewChat {
+            name: "a",
+            max_chat_id: Some("-70000000000001"),
+            ..NewChat::default()
+        })
+        .await;
+    let old = app
+        .insert_chat(NewChat {
+            name: "b",
+            max_chat_id: Some("-70000000000002"),
+            ..NewChat::default()
+        })
+        .await;
+    app.record_sync(old, 5, Utc::now() - chrono::Duration::hours(3))
+        .await;
+    // Never sent to MAX: no id, or one that is not a number.
+    app.insert_chat(NewChat {
+        name: "c",
+        max_chat_id: None,
+        ..NewChat::default()
+    })
+    .await;
+    app.insert_chat(NewChat {
+        name: "d",
+        max_chat_id: Some("https://max.ru/x"),
+        ..NewChat::default()
+    })
+    .await;
+
+    let reads = (0..20).map(|_| app.get_json("/chats/all"));
+    for page in futures::future::join_all(reads).await {
+        assert!(page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|chat| chat["participants_stale"] == true));
+    }
+    let app_ref = &app;
+    eventually(Duration::from_secs(5), || async move {
+        app_ref.stream_len(keys::REFRESH_STREAM_LAZY).await == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let requests = read_stream(&app, keys::REFRESH_STREAM_LAZY).await;
+    let mut chat_ids: Vec<i32> = requests.iter().map(|r| r.chat_id).collect();
+    chat_ids.sort();
+    assert_eq!(chat_ids, vec![stale, old]);
+    assert!(requests.iter().all(|r| r.priority == Priority::Lazy));
+    // The old count is served from Postgres with its timestamp, flagged stale.
+    let page = app.get_json("/chats/all").await;
+    assert_eq!(page["data"][1]["participants_count"], 5);
+    assert!(page["data"][1]["participants_updated_at"].is_string());
+}
+
+#[tokio::test]
+async fn fresh_cached_counts_are_served_and_not_enqueued() {
+    let app = TestApp::spawn().await;
+    let id = app
+        .insert_chat(NewChat {
+            participants_count: 3,
+            ..NewChat::default()
+        })
+        .await;
+    let asked_at = Utc::now();
+    let client = app.redis_client().await;
+    write_fenced(
+        &client,
+        &[(
+            id,
+            CachedCount {
+                count: 40,
+                updated_at: asked_at,
+            },
+        )],
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let chat = &app.get_json("/chats/all").await["data"][0];
+    assert_eq!(chat["participants_count"], 40);
+    assert_eq!(chat["participants_source"], "cache");
+    assert_eq!(chat["participants_stale"], false);
+    let served_at: chrono::DateTime<Utc> = chat["participants_updated_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(served_at.timestamp_millis(), asked_at.timestamp_millis());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.stream_len(keys::REFRESH_STREAM_LAZY).await, 0);
+}
+
+#[tokio::test]
+async fn an_older_write_never_overwrites_a_newer_cached_count() {
+    let app = TestApp::spawn().await;
+    let client = app.redis_client().await;
+    let now = Utc::now();
+    let ttl = Duration::from_secs(3600);
+    let newer = CachedCount {
+        count: 50,
+        updated_at: now,
+    };
+    let older = CachedCount {
+        count: 49,
+        updated_at: now - chrono::Duration::seconds(5),
+    };
+    assert_eq!(write_fenced(&client, &[(7, newer)], ttl).await.unwrap(), 1);
+    assert_eq!(
+        write_fenced(&client, &[(7, older), (8, older)], ttl)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        write_fenced(&client, &[(7, newer)], ttl).await.unwrap(),
+        0,
+        "a replay is a no-op"
+    );
+    let read = shared::counts::read_many(&client, &Options::default(), &[7, 8, 9])
+        .await
+        .unwrap();
+    assert_eq!(read.get(&7).map(|c| c.count), Some(50));
+    assert_eq!(read.get(&8).map(|c| c.count), Some(49));
+    assert!(!read.contains_key(&9));
+}
+
+/// Plays syncd's part: takes manual requests off the stream and announces a count for each.
+async fn fake_syncd(app: &TestApp, count: i32) -> tokio::task::JoinHandle<()> {
+    let client = app.redis_client().await;
+    tokio::spawn(async move {
+        let mut last_id = "0".to_owned();
+        loop {
+            let reply: Value = client
+                .xread(
+                    Some(1),
+                    Some(1_000),
+                    keys::REFRESH_STREAM_MANUAL,
+                    last_id.clone(),
+                )
+                .await
+                .unwrap();
+            if reply.is_null() {
+                continue;
+            }
+            let reply: XReadResponse<String, String, String, String> =
+                reply.flatten_array_values(2).convert().unwrap();
+            for (_, entries) in reply {
+                for (id, fields) in entries {
+                    last_id = id;
+                    let request = RefreshRequest::from_fields(&fields).unwrap();
+                    assert_eq!(request.priority, Priority::Manual);
+                    let _: i64 = client
+                        .del(keys::manual_refresh_marker(request.chat_id))
+                        .await
+                        .unwrap();
+                    let outcome = RefreshOutcome {
+                        chat_id: request.chat_id,
+                        participants_count: Some(count),
+                        updated_at: Utc::now(),
+                        error: None,
+                    };
+                    let _: i64 = client
+                        .publish(
+                            keys::REFRESH_OUTCOMES_CHANNEL,
+                            serde_json::to_string(&outcome).unwrap(),
+                        )
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn refresh_and_wait_answers_with_the_fresh_count() {
+    let app = TestApp::spawn().await;
+    let id = app.insert_chat(NewChat::default()).await;
+    let syncd = fake_syncd(&app, 321).await;
+    // The api subscribes in the background; give it until its first answer.
+    let app_ref = &app;
+    eventually(Duration::from_secs(10), || async move {
+        app_ref
+            .post(
+                &format!("/chats/{id}/refresh-participants"),
+                Some(&app_ref.admin()),
+            )
+            .await
+            .status()
+            == 200
+    })
+    .await;
+    let response = app
+        .post(
+            &format!("/chats/{id}/refresh-participants"),
+            Some(&app.token("operator", None)),
+        )
+        .await;
+    assert_eq!(response.status(), 404, "outside the scope");
+    let response = app
+        .post(
+            &format!("/chats/{id}/refresh-participants"),
+            Some(&app.admin()),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "updated");
+    assert_eq!(body["chat_id"], id);
+    assert_eq!(body["participants_count"], 321);
+    assert_eq!(body["source"], "api");
+    assert!(body["updated_at"].is_string());
+    syncd.abort();
+}
+
+#[tokio::test]
+async fn refresh_without_an_answer_in_time_is_queued() {
+    let app =
+        TestApp::spawn_with(|args| args.participants_refresh_wait = Duration::from_millis(300))
+            .await;
+    let id = app.insert_chat(NewChat::default()).await;
+    let response = app
+        .post(
+            &format!("/chats/{id}/refresh-participants"),
+            Some(&app.admin()),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({"status": "queued", "chat_id": id}));
+    let requests = read_stream(&app, keys::REFRESH_STREAM_MANUAL).await;
+    assert_eq!(requests.len(), 1);
+    assert_eq!(
+        (requests[0].chat_id, requests[0].priority),
+        (id, Priority::Manual)
+    );
+    for (path, status) in [
+        ("/chats/abc/refresh-participants", 400),
+        ("/chats/999999/refresh-participants", 404),
+    ] {
+        assert_eq!(
+            app.post(path, Some(&app.admin())).await.status(),
+            status,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        app.post(&format!("/chats/{id}/refresh-participants"), None)
+            .await
+            .status(),
+        401
+    );
+}

@@ -1,0 +1,10 @@
+//! Integration tests of the `api` binary against real Redis and PostgreSQL servers that each
+//! test starts on free ports (see the `testkit` crate).
+
+mod auth;
+mod faults;
+mod helpers;
+mod lazy;
+mod list;
+mod meta;
+mod migrations;

@@ -1,0 +1,125 @@
+//! Health, metrics, OpenAPI, and errors for routes that do not exist.
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn health_endpoints_need_no_token() {
+    let app = TestApp::spawn().await;
+    let health: serde_json::Value = app.get("/health", None).await.json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let redis = app.get("/health/redis", None).await;
+    assert_eq!(redis.status(), 200);
+    let detailed = app.get("/health/detailed", None).await;
+    assert_eq!(detailed.status(), 200);
+    let detailed: serde_json::Value = detailed.json().await.unwrap();
+    assert_eq!(detailed["database"]["status"], "up");
+    assert_eq!(detailed["redis"]["status"], "up");
+    // No syncd has beaten yet.
+    assert_eq!(detailed["syncd"]["status"], "down");
+    assert_eq!(detailed["status"], "degraded");
+}
+
+#[tokio::test]
+async fn detailed_health_reports_syncd_from_its_heartbeat() {
+    use fred::prelude::*;
+    let app = TestApp::spawn().await;
+    let client = app.redis_client().await;
+    let now = chrono::Utc::now().timestamp_millis().to_string();
+    let _: () = client
+        .hset(
+            shared::keys::SYNCD_STATUS,
+            [
+                (
+                    format!("{}replica-1", shared::keys::status::HEARTBEAT_PREFIX),
+                    now.clone(),
+                ),
+                (
+                    shared::keys::status::MAX_TOKEN.to_owned(),
+                    "invalid".to_owned(),
+                ),
+                (
+                    shared::keys::status::MAX_LAST_ERROR.to_owned(),
+                    "invalid_token".to_owned(),
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+    let detailed: serde_json::Value = app
+        .get("/health/detailed", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(detailed["syncd"]["status"], "up");
+    assert_eq!(detailed["syncd"]["replicas"], 1);
+    assert_eq!(detailed["syncd"]["max_token"], "invalid");
+    assert_eq!(detailed["status"], "degraded");
+}
+
+#[tokio::test]
+async fn metrics_expose_the_seed_names() {
+    let app = TestApp::spawn().await;
+    app.get_json("/chats/all").await;
+    let response = app.get("/metrics", None).await;
+    assert_eq!(response.status(), 200);
+    let page = response.text().await.unwrap();
+    for name in [
+        "participants_cache_hits_total",
+        "participants_cache_misses_total",
+        "participants_cache_errors_total",
+        "participants_fallback_usage_total",
+        "participants_cache_available",
+        "http_requests_total",
+        "http_request_duration_seconds",
+    ] {
+        assert!(page.contains(name), "{name} missing from /metrics");
+    }
+}
+
+#[tokio::test]
+async fn openapi_describes_every_endpoint() {
+    let app = TestApp::spawn().await;
+    let doc: serde_json::Value = app.get("/openapi.json", None).await.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/chats/all",
+        "/chats/{id}",
+        "/chats/{id}/refresh-participants",
+        "/health",
+        "/health/detailed",
+        "/health/redis",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from /openapi.json"
+        );
+    }
+    assert!(doc["components"]["schemas"]["ChatView"].is_object());
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let app = TestApp::spawn().await;
+    let response = app.get("/nope", None).await;
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let response = app.http.delete(app.url("/chats/all")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+}
+
+#[tokio::test]
+async fn shutdown_drains_and_returns_cleanly() {
+    let mut app = TestApp::spawn().await;
+    app.get_json("/chats/all").await;
+    app.stop_api().await.expect("run returns Ok after shutdown");
+    assert!(
+        app.http.get(app.url("/health")).send().await.is_err(),
+        "the listener is closed"
+    );
+}

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# `make run`: starts a local Redis and PostgreSQL under .run/, applies the migrations, seeds demo
+# chats on first start, then runs the services in the foreground. Ctrl-C stops everything.
+#
+# Ports can be changed with REDIS_PORT, PG_PORT and API_PORT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STATE="$PWD/.run"
+REDIS_PORT="${REDIS_PORT:-6399}"
+PG_PORT="${PG_PORT:-5499}"
+API_PORT="${API_PORT:-8082}"
+DEMO_CHATS="${DEMO_CHATS:-2000}"
+mkdir -p "$STATE"
+
+log() { printf '\033[1mrun:\033[0m %s\n' "$*" >&2; }
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+PGBIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+[ -n "$PGBIN" ] || PGBIN="$(dirname "$(command -v initdb)")"
+as_postgres() {
+    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pids=()
+cleanup() {
+    log "stopping"
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ -f "$STATE/redis.pid" ]; then kill "$(cat "$STATE/redis.pid")" 2>/dev/null || true; fi
+    as_postgres "$PGBIN/pg_ctl" -D "$STATE/pg" -m fast -w stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# PostgreSQL
+if [ ! -f "$STATE/pg/PG_VERSION" ]; then
+    log "creating a PostgreSQL cluster in .run/pg"
+    mkdir -p "$STATE/pg"
+    [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$STATE/pg"
+    as_postgres "$PGBIN/initdb" -D "$STATE/pg" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+fi
+if port_busy "$PG_PORT"; then
+    log "port $PG_PORT is taken; set PG_PORT to a free port"; exit 1
+fi
+[ "$(id -u)" -eq 0 ] && chown postgres:postgres "$STATE/pg"
+as_postgres "$PGBIN/pg_ctl" -D "$STATE/pg" -l "$STATE/pg/server.log" -w \
+    -o "-p $PG_PORT -k $STATE/pg -c listen_addresses=127.0.0.1" start >/dev/null
+log "postgres on 127.0.0.1:$PG_PORT"
+
+# Redis
+if port_busy "$REDIS_PORT"; then
+    log "port $REDIS_PORT is taken; set REDIS_PORT to a free port"; exit 1
+fi
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --save '' --appendonly no \
+    --maxmemory-policy volatile-lru --dir "$STATE" --pidfile "$STATE/redis.pid" --logfile "$STATE/redis.log"
+log "redis on 127.0.0.1:$REDIS_PORT"
+
+log "building (release)"
+cargo build --release --quiet -p api
+
+export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+export JWT_SECRET="${JWT_SECRET:-local-development-secret-change-me}"
+export API_LISTEN_ADDR="127.0.0.1:$API_PORT"
+export LOG_FORMAT="${LOG_FORMAT:-text}"
+# Short freshness windows so that the loop is visible within a minute.
+export PARTICIPANTS_STALE_THRESHOLD="${PARTICIPANTS_STALE_THRESHOLD:-2m}"
+export PARTICIPANTS_CACHE_TTL="${PARTICIPANTS_CACHE_TTL:-10m}"
+
+./target/release/api migrate
+if [ "$(psql -X -q -A -t "$DATABASE_URL" -c 'select count(*) from chats')" = "0" ]; then
+    log "seeding $DEMO_CHATS demo chats"
+    psql -X -q "$DATABASE_URL" -v n="$DEMO_CHATS" -f scripts/seed-demo.sql
+fi
+
+if port_busy "$API_PORT"; then
+    log "port $API_PORT is taken; set API_PORT to a free port"; exit 1
+fi
+./target/release/api serve &
+pids+=($!)
+for _ in $(seq 1 100); do
+    port_busy "$API_PORT" && break
+    sleep 0.1
+done
+
+TOKEN="$(./target/release/api token --role super_admin --ttl 24h)"
+cat >&2 <<MSG
+
+  The api is up on http://127.0.0.1:$API_PORT. Try:
+
+    curl -s -H "Authorization: Bearer $TOKEN" 'http://127.0.0.1:$API_PORT/chats/all?limit=3&search=Математика' | python3 -m json.tool
+
+  Health: curl -s http://127.0.0.1:$API_PORT/health/detailed
+  Ctrl-C stops everything; data stays in .run/ for the next start.
+
+MSG
+wait "${pids[0]}"

@@ -1,0 +1,167 @@
+//! Cached participant counts in Redis: the value format, the fenced write, and the page read.
+//!
+//! A count is stored as `"<count>:<unix ms when MAX was asked>"` in the bucket hash of
+//! `keys::count_location`. A write only lands when it was asked later than what is stored,
+//! so a slow or replayed result never overwrites a newer one. Expiry is per bucket (refreshed
+//! by every write) and per value (a reader treats a value older than the TTL as absent).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use fred::prelude::*;
+use fred::types::scripts::Script;
+
+use crate::keys;
+use crate::redis::run_script;
+
+/// One chat's cached count and the moment MAX was asked for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedCount {
+    pub count: i32,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl CachedCount {
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.count, self.updated_at.timestamp_millis())
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        let (count, millis) = text.split_once(':')?;
+        let updated_at = Utc.timestamp_millis_opt(millis.parse().ok()?).single()?;
+        Some(Self {
+            count: count.parse().ok()?,
+            updated_at,
+        })
+    }
+
+    /// Whether this value is older than the cache TTL and must be treated as absent.
+    pub fn is_expired(&self, now: DateTime<Utc>, ttl: Duration) -> bool {
+        age(now, self.updated_at) > ttl
+    }
+}
+
+/// How long ago `then` was; zero when `then` is in the future (clock skew between hosts).
+pub fn age(now: DateTime<Utc>, then: DateTime<Utc>) -> Duration {
+    (now - then).to_std().unwrap_or(Duration::ZERO)
+}
+
+static WRITE_FENCED: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS[1]: a count bucket. ARGV[1]: bucket TTL in ms; then pairs of field, "count:ms".
+local written = 0
+for i = 2, #ARGV, 2 do
+  local new_ms = tonumber(string.match(ARGV[i + 1], ':(%d+)$'))
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  local current_ms = current and tonumber(string.match(current, ':(%d+)$'))
+  if new_ms and (not current_ms or current_ms < new_ms) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    written = written + 1
+  end
+end
+if written > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return written
+"#,
+    )
+});
+
+/// Writes counts, each only if it is newer than the stored one. One script call per bucket,
+/// sent as one pipeline. Returns how many values were written.
+pub async fn write_fenced(
+    client: &Client,
+    entries: &[(i32, CachedCount)],
+    ttl: Duration,
+) -> Result<u64, fred::error::Error> {
+    let mut by_bucket: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (chat_id, cached) in entries {
+        let (key, field) = keys::count_location(*chat_id);
+        let args = by_bucket.entry(key).or_default();
+        args.push(field);
+        args.push(cached.encode());
+    }
+    let ttl_ms = ttl.as_millis().max(1).to_string();
+    let mut written = 0;
+    for (key, pairs) in by_bucket {
+        let mut args = Vec::with_capacity(pairs.len() + 1);
+        args.push(ttl_ms.clone());
+        args.extend(pairs);
+        let n: u64 = run_script(client, &WRITE_FENCED, vec![key], args).await?;
+        written += n;
+    }
+    Ok(written)
+}
+
+/// Reads the cached counts of a page of chats in one round trip: one `HMGET` per bucket, all
+/// in a single pipeline (on a Cluster the client splits it by node). Values that do not parse
+/// are treated as absent.
+pub async fn read_many(
+    client: &Client,
+    options: &Options,
+    chat_ids: &[i32],
+) -> Result<HashMap<i32, CachedCount>, fred::error::Error> {
+    let mut by_bucket: BTreeMap<i64, Vec<i32>> = BTreeMap::new();
+    for id in chat_ids {
+        by_bucket.entry(keys::bucket_of(*id)).or_default().push(*id);
+    }
+    if by_bucket.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let pipeline = client.pipeline().with_options(options);
+    for (bucket, ids) in &by_bucket {
+        let fields: Vec<String> = ids.iter().map(|id| keys::count_location(*id).1).collect();
+        let _: () = pipeline.hmget(keys::count_bucket(*bucket), fields).await?;
+    }
+    let replies: Vec<Value> = pipeline.all().await?;
+    let mut found = HashMap::with_capacity(chat_ids.len());
+    for ((_, ids), reply) in by_bucket.iter().zip(replies) {
+        let values: Vec<Option<String>> = match reply {
+            // A single-field HMGET may come back flattened.
+            Value::Array(_) => reply.convert()?,
+            other => vec![other.convert()?],
+        };
+        for (id, value) in ids.iter().zip(values) {
+            if let Some(cached) = value.as_deref().and_then(CachedCount::decode) {
+                found.insert(*id, cached);
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_through_their_text_form() {
+        let cached = CachedCount {
+            count: 153,
+            updated_at: Utc.timestamp_millis_opt(1_763_772_000_123).unwrap(),
+        };
+        assert_eq!(cached.encode(), "153:1763772000123");
+        assert_eq!(CachedCount::decode("153:1763772000123"), Some(cached));
+    }
+
+    #[test]
+    fn malformed_values_are_absent() {
+        assert_eq!(CachedCount::decode("153"), None);
+        assert_eq!(CachedCount::decode("x:1"), None);
+        assert_eq!(CachedCount::decode("{\"count\":1}"), None);
+    }
+
+    #[test]
+    fn a_value_expires_after_the_ttl() {
+        let now = Utc.timestamp_millis_opt(10_000_000).unwrap();
+        let cached = CachedCount {
+            count: 1,
+            updated_at: now - chrono::Duration::seconds(61),
+        };
+        assert!(cached.is_expired(now, Duration::from_secs(60)));
+        assert!(!cached.is_expired(now, Duration::from_secs(62)));
+    }
+}

@@ -1,0 +1,114 @@
+//! The Redis key schema: the only place a Redis key or channel is spelled.
+//!
+//! Keys that a Lua script or a multi-key command touches together share a hash tag (the part in
+//! braces), so the same code runs on Redis Cluster:
+//! - `{participants:refresh}` groups the refresh streams, the dead-letter stream and the
+//!   per-chat dedup markers, because one script checks a marker and appends to a stream.
+//!
+//! Eviction: only the count buckets and the short-lived markers carry a TTL. With the
+//! recommended `maxmemory-policy volatile-lru` Redis may evict those and never the streams or
+//! coordination keys, which have no TTL.
+
+/// Chats whose counts share one hash. Small hashes are stored as listpacks, which is what keeps
+/// a cached count near 30 bytes instead of the ~120 a key of its own with a TTL costs.
+/// Must stay at or under Redis' `hash-max-listpack-entries` (128 by default).
+pub const CHATS_PER_BUCKET: i64 = 64;
+
+/// The hash holding the cached counts of `chats.id` values `bucket * 64 .. bucket * 64 + 63`.
+pub fn count_bucket(bucket: i64) -> String {
+    format!("participants:counts:{bucket}")
+}
+
+/// Where one chat's cached count lives: its bucket key and its field inside that hash.
+pub fn count_location(chat_id: i32) -> (String, String) {
+    let id = i64::from(chat_id);
+    let bucket = id.div_euclid(CHATS_PER_BUCKET);
+    let field = id.rem_euclid(CHATS_PER_BUCKET);
+    (count_bucket(bucket), field.to_string())
+}
+
+/// The bucket number a chat belongs to.
+pub fn bucket_of(chat_id: i32) -> i64 {
+    i64::from(chat_id).div_euclid(CHATS_PER_BUCKET)
+}
+
+/// Lazy refreshes enqueued by reads of stale counts.
+pub const REFRESH_STREAM_LAZY: &str = "{participants:refresh}:lazy";
+
+/// Refreshes an operator asked for; consumers read this stream before the lazy one.
+pub const REFRESH_STREAM_MANUAL: &str = "{participants:refresh}:manual";
+
+/// Entries that failed delivery too many times, kept for an operator to inspect.
+pub const REFRESH_STREAM_DEAD: &str = "{participants:refresh}:dead";
+
+/// The consumer group every `syncd` replica joins on both refresh streams.
+pub const REFRESH_GROUP: &str = "syncd";
+
+/// Marks a chat as already enqueued for a lazy refresh, so a hot stale chat is enqueued once
+/// per marker lifetime and not once per read.
+pub fn refresh_marker(chat_id: i32) -> String {
+    format!("{{participants:refresh}}:queued:{chat_id}")
+}
+
+/// Marks a chat as already enqueued for a manual refresh.
+pub fn manual_refresh_marker(chat_id: i32) -> String {
+    format!("{{participants:refresh}}:manual:{chat_id}")
+}
+
+/// Pub/sub channel on which `syncd` announces each finished refresh (a `RefreshOutcome`).
+pub const REFRESH_OUTCOMES_CHANNEL: &str = "participants:refreshed";
+
+/// Hash in which `syncd` records fleet-wide status for `/health/detailed`: one
+/// `heartbeat:<consumer>` field per replica (unix ms), and the `status::*` fields below.
+pub const SYNCD_STATUS: &str = "participants:syncd:status";
+
+/// Field names inside `SYNCD_STATUS`.
+pub mod status {
+    /// Prefix of each replica's heartbeat field; the value is unix ms.
+    pub const HEARTBEAT_PREFIX: &str = "heartbeat:";
+    /// `valid` or `invalid`: whether MAX last accepted the bot token.
+    pub const MAX_TOKEN: &str = "max_token";
+    /// Unix ms of the last successful MAX call.
+    pub const MAX_LAST_SUCCESS_AT: &str = "max_last_success_at";
+    /// Unix ms and kind of the last failed MAX call.
+    pub const MAX_LAST_ERROR_AT: &str = "max_last_error_at";
+    pub const MAX_LAST_ERROR: &str = "max_last_error";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neighbouring_chats_share_a_bucket() {
+        assert_eq!(
+            count_location(0),
+            ("participants:counts:0".to_owned(), "0".to_owned())
+        );
+        assert_eq!(
+            count_location(63),
+            ("participants:counts:0".to_owned(), "63".to_owned())
+        );
+        assert_eq!(
+            count_location(64),
+            ("participants:counts:1".to_owned(), "0".to_owned())
+        );
+        assert_eq!(
+            count_location(-1),
+            ("participants:counts:-1".to_owned(), "63".to_owned())
+        );
+    }
+
+    #[test]
+    fn refresh_keys_share_one_hash_tag() {
+        for key in [
+            REFRESH_STREAM_LAZY.to_owned(),
+            REFRESH_STREAM_MANUAL.to_owned(),
+            REFRESH_STREAM_DEAD.to_owned(),
+            refresh_marker(7),
+            manual_refresh_marker(7),
+        ] {
+            assert!(key.starts_with("{participants:refresh}"), "{key}");
+        }
+    }
+}

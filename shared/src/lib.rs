@@ -1,0 +1,14 @@
+//! What `api` and `syncd` share: configuration pieces, the Redis key schema, the cached count
+//! format, the refresh stream message, the Postgres pool and migrations, telemetry and shutdown.
+//!
+//! Nothing here knows about HTTP.
+
+pub mod config;
+pub mod counts;
+pub mod db;
+pub mod ids;
+pub mod keys;
+pub mod redis;
+pub mod refresh;
+pub mod shutdown;
+pub mod telemetry;

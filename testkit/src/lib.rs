@@ -1,0 +1,439 @@
+//! Throwaway Redis and PostgreSQL servers for tests: each on a free loopback port, in its own
+//! temporary directory, owned by the test so that it can stop, kill and restart them.
+//!
+//! The servers come from the system's packages (`redis-server`, PostgreSQL's `initdb` and
+//! `postgres`); `scripts/ensure-deps.sh` installs them where missing.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tempfile::TempDir;
+
+/// How long a server may take to accept connections after it is started.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A free TCP port on 127.0.0.1 (free when asked; the OS does not hand it out again at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("the OS hands out a free port")
+}
+
+fn send_signal(child: &Child, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status();
+}
+
+fn wait_exit(child: &mut Child, deadline: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A `redis-server` child process.
+pub struct RedisServer {
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts a Redis that keeps nothing on disk.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a Redis with extra `redis-server` arguments, e.g. `["--maxmemory", "10mb"]`.
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::Builder::new()
+                .prefix("testkit-redis-")
+                .tempdir()
+                .expect("temp dir"),
+            child: None,
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        server.spawn().expect("redis-server starts");
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = self.dir.path().join("redis.log");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run redis-server; run scripts/ensure-deps.sh")?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while started.elapsed() < START_DEADLINE {
+            if self.answers_ping() {
+                return Ok(());
+            }
+            sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "redis-server on port {} did not answer PING; see {}",
+            self.port,
+            log.display()
+        )
+    }
+
+    fn answers_ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn().expect("redis-server restarts");
+    }
+
+    /// Whether the server is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A PostgreSQL postmaster child process with its own data directory.
+pub struct PgServer {
+    port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+impl PgServer {
+    /// Starts a fresh cluster with trust authentication and user `postgres`.
+    pub fn start() -> Self {
+        let bin = pg_bin_dir().expect("PostgreSQL server binaries are installed");
+        let dir = tempfile::Builder::new()
+            .prefix("testkit-pg-")
+            .tempdir()
+            .expect("temp dir");
+        let data = dir.path().join("data");
+        let template = template_cluster(&bin).expect("a template cluster can be made");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&template)
+            .arg(&data)
+            .status()
+            .expect("cp runs");
+        assert!(status.success(), "copying the template cluster failed");
+        if let Some((uid, gid)) = postgres_user() {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown temp dir");
+        }
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            bin,
+            child: None,
+        };
+        server.spawn().expect("postgres starts");
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of the `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// URL of another database on this server (create it first with [`PgServer::create_database`]).
+    pub fn database_url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Runs SQL through `psql` against a database, failing on the first error.
+    pub fn psql(&self, database: &str, sql: &str) -> String {
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+            ])
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .expect("psql runs");
+        assert!(
+            output.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    pub fn create_database(&self, name: &str) {
+        self.psql("postgres", &format!("create database {name}"));
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("postgres.log");
+        let log_file = std::fs::File::create(&log).context("postgres log file")?;
+        if let Some((uid, gid)) = postgres_user() {
+            std::os::unix::fs::chown(&log, Some(uid), Some(gid)).context("chown log")?;
+        }
+        let mut command = Command::new(self.bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &self.port.to_string()])
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
+            .args(["-c", "max_connections=200", "-c", "shared_buffers=128MB"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if let Some((uid, gid)) = postgres_user() {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+        }
+        self.child = Some(command.spawn().context("cannot run postgres")?);
+        let started = Instant::now();
+        while started.elapsed() < START_DEADLINE {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .status()
+                .map(|status| status.success())
+                .unwrap_or(false);
+            if ready {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!("postgres exited with {status}; see {}", log.display());
+                }
+            }
+            sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "postgres on port {} did not become ready; see {}",
+            self.port,
+            log.display()
+        )
+    }
+
+    /// Stops the server with a fast shutdown (SIGINT): connections are closed, data is kept.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(&child, "INT");
+            if !wait_exit(&mut child, Duration::from_secs(20)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Kills the postmaster with SIGKILL, as a crash would; its backends exit on their own.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Backends notice the postmaster's death within a moment; wait for the port to free.
+            let started = Instant::now();
+            while TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && started.elapsed() < START_DEADLINE
+            {
+                sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Starts the stopped or killed server again, on the same port and data.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            // After a SIGKILL the old shared memory may linger a moment; retry briefly.
+            let mut last = None;
+            for _ in 0..20 {
+                match self.spawn() {
+                    Ok(()) => return,
+                    Err(error) => {
+                        self.child = None;
+                        last = Some(error);
+                        sleep(Duration::from_millis(250));
+                    }
+                }
+            }
+            panic!("postgres did not restart: {last:?}");
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(&child, "QUIT");
+            if !wait_exit(&mut child, Duration::from_secs(5)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// The directory of PostgreSQL's server binaries: the newest under /usr/lib/postgresql, or the
+/// directory of `postgres` on PATH.
+pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
+    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").exists().then_some((version, bin))
+        })
+        .collect();
+    candidates.sort();
+    if let Some((_, bin)) = candidates.pop() {
+        return Ok(bin);
+    }
+    let output = Command::new("sh")
+        .args(["-c", "command -v postgres"])
+        .output()?;
+    let path = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    match Path::new(&path).parent() {
+        Some(dir) if !path.is_empty() => Ok(dir.to_path_buf()),
+        _ => bail!("no PostgreSQL server found; run scripts/ensure-deps.sh"),
+    }
+}
+
+/// The `postgres` user's uid and gid when running as root (PostgreSQL refuses to run as root).
+fn postgres_user() -> Option<(u32, u32)> {
+    let me = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&me.stdout).trim() != "0" {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&"postgres") && fields.len() > 3)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+            .flatten()
+    })
+}
+
+/// An initialised cluster to copy, made once per machine and PostgreSQL build (initdb takes a
+/// second; a copy takes a tenth of that).
+fn template_cluster(bin: &Path) -> anyhow::Result<PathBuf> {
+    let tag: String = bin
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let root = std::env::temp_dir().join("testkit-pg-templates");
+    let template = root.join(tag);
+    if template.join("PG_VERSION").exists() {
+        return Ok(template);
+    }
+    std::fs::create_dir_all(&root)?;
+    let staging = tempfile::Builder::new()
+        .prefix("staging-")
+        .tempdir_in(&root)?;
+    let data = staging.path().join("data");
+    if let Some((uid, gid)) = postgres_user() {
+        std::os::unix::fs::chown(staging.path(), Some(uid), Some(gid))?;
+    }
+    let mut command = Command::new(bin.join("initdb"));
+    command
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "-N",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some((uid, gid)) = postgres_user() {
+        use std::os::unix::process::CommandExt;
+        command.uid(uid).gid(gid);
+    }
+    let output = command.output().context("cannot run initdb")?;
+    if !output.status.success() {
+        bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    // Another test may have won the race; either copy is as good.
+    match std::fs::rename(&data, &template) {
+        Ok(()) => {}
+        Err(_) if template.join("PG_VERSION").exists() => {}
+        Err(error) => return Err(error).context("cannot store the template cluster"),
+    }
+    Ok(template)
+}
