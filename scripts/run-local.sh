@@ -2,7 +2,8 @@
 # `make run`: starts a local Redis and PostgreSQL under .run/, applies the migrations, seeds demo
 # chats on first start, then runs the services in the foreground. Ctrl-C stops everything.
 #
-# Ports can be changed with REDIS_PORT, PG_PORT and API_PORT.
+# The MAX API is the workspace's simulator (maxsim), never the real one.
+# Ports can be changed with REDIS_PORT, PG_PORT, API_PORT, SYNCD_PORT and MAXSIM_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,8 @@ STATE="$PWD/.run"
 REDIS_PORT="${REDIS_PORT:-6399}"
 PG_PORT="${PG_PORT:-5499}"
 API_PORT="${API_PORT:-8082}"
+SYNCD_PORT="${SYNCD_PORT:-9091}"
+MAXSIM_PORT="${MAXSIM_PORT:-9099}"
 DEMO_CHATS="${DEMO_CHATS:-2000}"
 mkdir -p "$STATE"
 
@@ -26,8 +29,11 @@ as_postgres() {
 pids=()
 cleanup() {
     log "stopping"
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    # Newest first: the api and syncd stop before the MAX simulator they depend on.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[i]}" 2>/dev/null || true
+        wait "${pids[i]}" 2>/dev/null || true
+    done
     if [ -f "$STATE/redis.pid" ]; then kill "$(cat "$STATE/redis.pid")" 2>/dev/null || true; fi
     as_postgres "$PGBIN/pg_ctl" -D "$STATE/pg" -m fast -w stop >/dev/null 2>&1 || true
 }
@@ -58,7 +64,7 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --save '' --a
 log "redis on 127.0.0.1:$REDIS_PORT"
 
 log "building (release)"
-cargo build --release --quiet -p api
+cargo build --release --quiet -p api -p syncd -p maxsim
 
 export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
@@ -68,6 +74,11 @@ export LOG_FORMAT="${LOG_FORMAT:-text}"
 # Short freshness windows so that the loop is visible within a minute.
 export PARTICIPANTS_STALE_THRESHOLD="${PARTICIPANTS_STALE_THRESHOLD:-2m}"
 export PARTICIPANTS_CACHE_TTL="${PARTICIPANTS_CACHE_TTL:-10m}"
+export PARTICIPANTS_UPDATE_INTERVAL="${PARTICIPANTS_UPDATE_INTERVAL:-1m}"
+export MAX_API_URL="http://127.0.0.1:$MAXSIM_PORT"
+export MAX_API_TOKEN="sim-token"
+export MAX_API_RPS="${MAX_API_RPS:-30}"
+export SYNCD_LISTEN_ADDR="127.0.0.1:$SYNCD_PORT"
 
 ./target/release/api migrate
 if [ "$(psql -X -q -A -t "$DATABASE_URL" -c 'select count(*) from chats')" = "0" ]; then
@@ -75,9 +86,16 @@ if [ "$(psql -X -q -A -t "$DATABASE_URL" -c 'select count(*) from chats')" = "0"
     psql -X -q "$DATABASE_URL" -v n="$DEMO_CHATS" -f scripts/seed-demo.sql
 fi
 
-if port_busy "$API_PORT"; then
-    log "port $API_PORT is taken; set API_PORT to a free port"; exit 1
-fi
+for port in "$API_PORT" "$SYNCD_PORT" "$MAXSIM_PORT"; do
+    if port_busy "$port"; then
+        log "port $port is taken; set API_PORT, SYNCD_PORT or MAXSIM_PORT to a free port"; exit 1
+    fi
+done
+./target/release/maxsim --listen-addr "127.0.0.1:$MAXSIM_PORT" --token "$MAX_API_TOKEN" \
+    --rate-limit "$MAX_API_RPS" --latency 30ms --removed-permille 20 --churn-period 5m &
+pids+=($!)
+./target/release/syncd run &
+pids+=($!)
 ./target/release/api serve &
 pids+=($!)
 for _ in $(seq 1 100); do
@@ -93,7 +111,11 @@ cat >&2 <<MSG
     curl -s -H "Authorization: Bearer $TOKEN" 'http://127.0.0.1:$API_PORT/chats/all?limit=3&search=Математика' | python3 -m json.tool
 
   Health: curl -s http://127.0.0.1:$API_PORT/health/detailed
+  syncd:  curl -s http://127.0.0.1:$SYNCD_PORT/metrics | grep ^participants_
+  MAX simulator: curl -s http://127.0.0.1:$MAXSIM_PORT/_sim/stats | head -c 300
+
+  A stale chat you read is refreshed by syncd within a second or two: read it again.
   Ctrl-C stops everything; data stays in .run/ for the next start.
 
 MSG
-wait "${pids[0]}"
+wait -n "${pids[@]}"

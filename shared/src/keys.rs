@@ -55,6 +55,15 @@ pub fn manual_refresh_marker(chat_id: i32) -> String {
     format!("{{participants:refresh}}:manual:{chat_id}")
 }
 
+/// The rate limiter's theoretical arrival time (GCRA), in Redis server microseconds.
+pub const LIMITER_TAT: &str = "{participants:limiter}:tat";
+
+/// Until when (Redis server microseconds) the whole fleet holds off MAX after a 429.
+pub const LIMITER_PAUSE: &str = "{participants:limiter}:pause";
+
+/// Present while some replica has lazy or manual refreshes waiting: sweeps yield to them.
+pub const LIMITER_URGENT: &str = "{participants:limiter}:urgent";
+
 /// Pub/sub channel on which `syncd` announces each finished refresh (a `RefreshOutcome`).
 pub const REFRESH_OUTCOMES_CHANNEL: &str = "participants:refreshed";
 
@@ -109,6 +118,9 @@ mod tests {
             manual_refresh_marker(7),
         ] {
             assert!(key.starts_with("{participants:refresh}"), "{key}");
+        }
+        for key in [LIMITER_TAT, LIMITER_PAUSE, LIMITER_URGENT] {
+            assert!(key.starts_with("{participants:limiter}"), "{key}");
         }
     }
 }

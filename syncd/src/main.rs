@@ -1,1 +1,84 @@
-fn main() {}
+//! `syncd`: parse and validate the configuration, then run the daemon or a one-shot command.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use syncd::config::{Cli, Command};
+
+/// Exit code for a configuration error (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let (validation, log) = match &cli.command {
+        Command::Run(args) => (args.validate(), &args.sync.log),
+        Command::Sweep(args) => (args.sync.validate(), &args.sync.log),
+        Command::Refresh(args) => (args.sync.validate(), &args.sync.log),
+    };
+    if let Err(message) = validation.and_then(|()| shared::telemetry::init(log)) {
+        eprintln!("syncd: invalid configuration: {message}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("syncd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => {
+                let listener = tokio::net::TcpListener::bind(args.listen_addr)
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen on SYNCD_LISTEN_ADDR {}", args.listen_addr)
+                    })?;
+                syncd::run(*args, listener, shared::shutdown::signal()).await
+            }
+            Command::Sweep(args) => {
+                let summary = syncd::sweep_once(*args, shared::shutdown::signal()).await?;
+                println!(
+                    "sweep {}: {} of {} chats, {} failed",
+                    if summary.finished {
+                        "finished"
+                    } else {
+                        "interrupted (it resumes in a running syncd)"
+                    },
+                    summary.done,
+                    summary.planned,
+                    summary.failed
+                );
+                Ok(())
+            }
+            Command::Refresh(args) => {
+                for line in syncd::refresh_once(*args).await? {
+                    println!("{line}");
+                }
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "syncd failed");
+            eprintln!("syncd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

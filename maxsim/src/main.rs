@@ -1,0 +1,68 @@
+//! `maxsim`: the MAX Bot API simulator as a standalone server, for `make run` and drills.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use maxsim::{SimConfig, Simulator};
+use shared::config::parse_duration;
+
+/// A MAX Bot API simulator: GET /chats/{chatId} with a rate limit, latency, errors, removed
+/// chats and churn. Change it at run time with POST /_sim/config; read what it saw at
+/// GET /_sim/stats.
+#[derive(Parser, Debug)]
+#[command(name = "maxsim", version, about)]
+struct Cli {
+    /// Address to listen on
+    #[arg(long, env = "MAXSIM_LISTEN_ADDR", default_value = "127.0.0.1:9099")]
+    listen_addr: SocketAddr,
+    /// The bot token clients must send as the raw Authorization header
+    #[arg(
+        long,
+        env = "MAX_API_TOKEN",
+        hide_env_values = true,
+        default_value = "sim-token"
+    )]
+    token: String,
+    /// Accepted requests per sliding second before answering 429; 0 disables the limit
+    #[arg(long, env = "MAXSIM_RATE_LIMIT", default_value_t = 30)]
+    rate_limit: u32,
+    /// Latency added to every answer
+    #[arg(long, env = "MAXSIM_LATENCY", default_value = "30ms", value_parser = parse_duration)]
+    latency: std::time::Duration,
+    /// Share of requests answered with a 5xx
+    #[arg(long, env = "MAXSIM_ERROR_RATE", default_value_t = 0.0)]
+    error_rate: f64,
+    /// Per mille of chats the bot was removed from
+    #[arg(long, env = "MAXSIM_REMOVED_PERMILLE", default_value_t = 20)]
+    removed_permille: u32,
+    /// Counts drift by up to ±10 every this long (0 keeps them still)
+    #[arg(long, env = "MAXSIM_CHURN_PERIOD", default_value = "5m", value_parser = parse_duration)]
+    churn_period: std::time::Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _ = shared::telemetry::init(&shared::config::LogArgs {
+        log_format: "text".into(),
+        log_level: "info".into(),
+    });
+    let simulator = Simulator::new(SimConfig {
+        token: cli.token,
+        rate_limit: cli.rate_limit,
+        latency_ms: cli.latency.as_millis() as u64,
+        error_rate: cli.error_rate,
+        removed_permille: cli.removed_permille,
+        churn_period_secs: cli.churn_period.as_secs(),
+        ..SimConfig::default()
+    });
+    let listener = tokio::net::TcpListener::bind(cli.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen_addr))?;
+    tracing::info!(address = %cli.listen_addr, "maxsim listening");
+    simulator
+        .serve(listener, shared::shutdown::signal())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Command line and environment configuration of the `syncd` binary.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+use shared::config::{
+    parse_bool, parse_duration, parse_secret, DatabaseArgs, FreshnessArgs, LogArgs, RedisArgs,
+};
+
+/// Keeps participant counts fresh: consumes the refresh stream and sweeps the chats against
+/// the MAX Bot API, within one rate limit shared by every replica. Every flag can also be set
+/// by the environment variable shown beside it.
+#[derive(Parser, Debug)]
+#[command(name = "syncd", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: stream consumer, cron sweeps, /metrics and /health
+    Run(Box<RunArgs>),
+    /// Run one sweep now and exit (for a Kubernetes CronJob)
+    Sweep(Box<SweepArgs>),
+    /// Refresh the named chats (chats.id) now and print the results
+    Refresh(Box<RefreshArgs>),
+}
+
+/// What every subcommand needs to refresh counts.
+#[derive(Args, Debug, Clone)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub freshness: FreshnessArgs,
+
+    /// Base URL of the MAX Bot API (it moved twice in a year)
+    #[arg(
+        long,
+        env = "MAX_API_URL",
+        default_value = "https://platform-api2.max.ru"
+    )]
+    pub max_api_url: String,
+
+    /// Bot token, sent as the raw Authorization header
+    #[arg(long, env = "MAX_API_TOKEN", value_parser = parse_secret, hide_env_values = true)]
+    pub max_api_token: SecretString,
+
+    /// Most MAX calls in any one second, across every replica together
+    #[arg(long, env = "MAX_API_RPS", default_value_t = 30.0)]
+    pub max_api_rps: f64,
+
+    /// Most time one MAX call may take
+    #[arg(long, env = "PARTICIPANTS_MAX_API_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub participants_max_api_timeout: Duration,
+
+    /// Retries of a MAX call after a 429, a 5xx or a timeout
+    #[arg(long, env = "PARTICIPANTS_MAX_RETRIES", default_value_t = 3)]
+    pub participants_max_retries: u32,
+
+    /// Chats whose MAX calls run concurrently, and the size of each batched Postgres write
+    #[arg(long, env = "PARTICIPANTS_BATCH_SIZE", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub participants_batch_size: u32,
+
+    /// How long a chat that MAX reports removed, left, closed, forbidden or not found is skipped
+    #[arg(long, env = "PARTICIPANTS_INACTIVE_RECHECK", default_value = "7d", value_parser = parse_duration)]
+    pub participants_inactive_recheck: Duration,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl SyncArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        self.freshness.validate()?;
+        shared::db::connect_options(&self.database).map_err(|e| e.to_string())?;
+        if self.redis.disable_redis {
+            return Err("DISABLE_REDIS cannot be set for syncd: the rate limit and the stream live in Redis".to_owned());
+        }
+        shared::redis::validate_url(&self.redis).map_err(|e| e.to_string())?;
+        let url = reqwest::Url::parse(&self.max_api_url)
+            .map_err(|e| format!("MAX_API_URL is not a valid URL ({e})"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("MAX_API_URL must be an http or https URL".to_owned());
+        }
+        if !(self.max_api_rps.is_finite() && self.max_api_rps > 0.0 && self.max_api_rps <= 10_000.0)
+        {
+            return Err("MAX_API_RPS must be a number above 0 and at most 10000".to_owned());
+        }
+        if self.participants_max_api_timeout.is_zero() {
+            return Err("PARTICIPANTS_MAX_API_TIMEOUT must be greater than zero".to_owned());
+        }
+        if self.participants_max_retries > 20 {
+            return Err("PARTICIPANTS_MAX_RETRIES must be at most 20".to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub sync: SyncArgs,
+
+    /// Address of /metrics and /health
+    #[arg(long, env = "SYNCD_LISTEN_ADDR", default_value = "0.0.0.0:9091")]
+    pub listen_addr: SocketAddr,
+
+    /// Stale sweep period: slots start at multiples of it since the Unix epoch
+    #[arg(long, env = "PARTICIPANTS_UPDATE_INTERVAL", default_value = "15m", value_parser = parse_duration)]
+    pub participants_update_interval: Duration,
+
+    /// Hour of the daily full sweep, 0-23, in UTC
+    #[arg(long, env = "PARTICIPANTS_FULL_UPDATE_HOUR", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(0..=23))]
+    pub participants_full_update_hour: u32,
+
+    /// Run the cron sweeps; lazy, manual and operator-triggered refreshes run either way
+    #[arg(long, env = "PARTICIPANTS_ENABLE_BACKGROUND_SYNC", default_value = "true", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub participants_enable_background_sync: bool,
+
+    /// Consumer name in the stream group; unique per process unless set (a stable name, such
+    /// as a pod name, lets a restarted replica finish its own pending entries first)
+    #[arg(long, env = "SYNCD_CONSUMER_NAME")]
+    pub consumer_name: Option<String>,
+
+    /// How long a stream entry may sit unacknowledged before another replica takes it over
+    #[arg(long, env = "SYNCD_CLAIM_IDLE", default_value = "30s", value_parser = parse_duration)]
+    pub claim_idle: Duration,
+
+    /// Deliveries after which an entry goes to the dead-letter stream
+    #[arg(long, env = "SYNCD_MAX_DELIVERIES", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub max_deliveries: u64,
+
+    /// How long in-flight work may take to finish after SIGTERM before it is handed back
+    #[arg(long, env = "SYNCD_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl RunArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        self.sync.validate()?;
+        if self.participants_update_interval < Duration::from_secs(1) {
+            return Err("PARTICIPANTS_UPDATE_INTERVAL must be at least 1s".to_owned());
+        }
+        if self.claim_idle < Duration::from_millis(100) {
+            return Err("SYNCD_CLAIM_IDLE must be at least 100ms".to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub sync: SyncArgs,
+
+    /// Refresh every chat
+    #[arg(long, conflicts_with = "stale", required_unless_present = "stale")]
+    pub full: bool,
+
+    /// Refresh the stalest chats, as many as the rate budget allows in one update interval
+    #[arg(long)]
+    pub stale: bool,
+
+    /// The update interval the stale sweep budgets for
+    #[arg(long, env = "PARTICIPANTS_UPDATE_INTERVAL", default_value = "15m", value_parser = parse_duration)]
+    pub participants_update_interval: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RefreshArgs {
+    #[command(flatten)]
+    pub sync: SyncArgs,
+
+    /// chats.id values (not MAX ids)
+    #[arg(required = true, num_args = 1..)]
+    pub chat_ids: Vec<i32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, String> {
+        let mut argv = vec![
+            "syncd",
+            "run",
+            "--database-url",
+            "postgres://u:p@127.0.0.1/db",
+            "--max-api-token",
+            "t0ken-s3cret",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Run(args) => Ok(*args),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.sync.max_api_url, "https://platform-api2.max.ru");
+        assert_eq!(args.sync.max_api_rps, 30.0);
+        assert_eq!(args.sync.participants_batch_size, 50);
+        assert_eq!(args.participants_update_interval, Duration::from_secs(900));
+        assert_eq!(args.participants_full_update_hour, 3);
+        assert_eq!(
+            args.sync.participants_inactive_recheck,
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(args.listen_addr.port(), 9091);
+        args.validate().unwrap();
+        assert!(!format!("{args:?}").contains("t0ken-s3cret"));
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        assert!(run_args(&["--participants-full-update-hour", "24"])
+            .unwrap_err()
+            .contains("participants-full-update-hour"));
+        let err = run_args(&["--max-api-rps", "0"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("MAX_API_RPS"), "{err}");
+        let err = run_args(&["--max-api-url", "ftp://x"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("MAX_API_URL"), "{err}");
+        let err = run_args(&["--disable-redis"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("DISABLE_REDIS"), "{err}");
+    }
+}

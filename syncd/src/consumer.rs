@@ -1,0 +1,528 @@
+//! The refresh stream consumer: one member of the `syncd` consumer group.
+//!
+//! Order of work: its own pending entries first (a restarted replica with a stable name), then
+//! new entries (manual before lazy), and every few seconds entries that another consumer left
+//! unacknowledged for longer than `claim_idle` (XAUTOCLAIM). An entry is acknowledged only
+//! after both writes; one delivered more than `max_deliveries` times goes to the dead-letter
+//! stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use fred::prelude::*;
+use shared::keys;
+use shared::refresh::{Priority, RefreshOutcome, RefreshRequest};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::limiter::Urgency;
+use crate::metrics::Metrics;
+use crate::refresher::{Outcome, Refresher};
+use crate::store::{self, Target};
+
+/// Streams in the order they are served.
+const STREAMS: [&str; 2] = [keys::REFRESH_STREAM_MANUAL, keys::REFRESH_STREAM_LAZY];
+/// How long one blocking read waits for new entries.
+const BLOCK: Duration = Duration::from_millis(1000);
+
+/// One stream entry.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub stream: String,
+    pub id: String,
+    pub fields: HashMap<String, String>,
+}
+
+pub struct Consumer {
+    pub name: String,
+    /// Used for blocking reads only, so they never hold up other commands.
+    pub reader: Client,
+    pub redis: Client,
+    pub db: PgPool,
+    pub refresher: Refresher,
+    pub metrics: Metrics,
+    pub claim_idle: Duration,
+    pub max_deliveries: u64,
+    pub stale_threshold: Duration,
+    pub inactive_recheck: Duration,
+}
+
+impl Consumer {
+    /// Consumes until `cancel`; the batch in hand is finished (or left pending) first.
+    pub async fn run(self, cancel: CancellationToken) {
+        while !cancel.is_cancelled() {
+            match self.ensure_groups().await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot create the consumer group yet");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(consumer = %self.name, "consuming the refresh streams");
+        let mut own_pending_done = false;
+        let mut last_claim = Instant::now();
+        let claim_every =
+            (self.claim_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        while !cancel.is_cancelled() {
+            if !self.refresher.token().reported_valid() {
+                // Nothing can be refreshed: entries wait in the stream (not delivered, so they
+                // do not count toward the dead letter), and once a minute one call checks
+                // whether the token works again.
+                self.refresher.probe_token(&self.db).await;
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+            let result = if !own_pending_done {
+                let entries = self.read(true).await;
+                if matches!(&entries, Ok(e) if e.is_empty()) {
+                    own_pending_done = true;
+                }
+                match entries {
+                    Ok(entries) => self.process(entries).await,
+                    Err(error) => Err(error),
+                }
+            } else if last_claim.elapsed() >= claim_every {
+                last_claim = Instant::now();
+                self.claim_abandoned().await
+            } else {
+                match self.read(false).await {
+                    Ok(entries) => self.process(entries).await,
+                    Err(error) => Err(error),
+                }
+            };
+            if let Err(error) = result {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "refresh stream work failed; retrying"
+                );
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+        tracing::info!(consumer = %self.name, "stream consumer stopped");
+    }
+
+    async fn ensure_groups(&self) -> anyhow::Result<()> {
+        for stream in STREAMS.iter().chain([&keys::REFRESH_STREAM_DEAD]) {
+            // "0": entries enqueued before any syncd ever ran are consumed too.
+            let created: Result<(), fred::error::Error> = self
+                .redis
+                .xgroup_create(*stream, keys::REFRESH_GROUP, "0", true)
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(error) if error.details().starts_with("BUSYGROUP") => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads up to a batch: this consumer's own pending entries (`own_pending`), or new ones.
+    async fn read(&self, own_pending: bool) -> anyhow::Result<Vec<Entry>> {
+        let count = self.refresher.batch_size() as u64;
+        let ids = if own_pending {
+            vec!["0", "0"]
+        } else {
+            vec![">", ">"]
+        };
+        let block = if own_pending {
+            None
+        } else {
+            Some(BLOCK.as_millis() as u64)
+        };
+        let reply: Value = self
+            .reader
+            .xreadgroup(
+                keys::REFRESH_GROUP,
+                &self.name,
+                Some(count),
+                block,
+                false,
+                STREAMS.to_vec(),
+                ids,
+            )
+            .await?;
+        let mut entries = parse_read_reply(reply)?;
+        // Manual first, whatever order Redis answered in.
+        entries.sort_by_key(|entry| entry.stream != keys::REFRESH_STREAM_MANUAL);
+        Ok(entries)
+    }
+
+    /// Takes over entries idle for longer than `claim_idle`, from crashed consumers or from
+    /// this one's own failed attempts, and dead-letters those delivered too often.
+    async fn claim_abandoned(&self) -> anyhow::Result<()> {
+        for stream in STREAMS {
+            let args: Vec<Value> = vec![
+                stream.into(),
+                keys::REFRESH_GROUP.into(),
+                self.name.as_str().into(),
+                (self.claim_idle.as_millis() as i64).into(),
+                "0-0".into(),
+                "COUNT".into(),
+                (self.refresher.batch_size() as i64).into(),
+            ];
+            let reply: Value = self.redis.custom(fred::cmd!("XAUTOCLAIM"), args).await?;
+            let Value::Array(mut parts) = reply else {
+                continue;
+            };
+            if parts.len() < 2 {
+                continue;
+            }
+            let claimed = parse_entries(stream, parts.swap_remove(1))?;
+            if claimed.is_empty() {
+                continue;
+            }
+            let deliveries = self.delivery_counts(stream, &claimed).await?;
+            let (poison, retry): (Vec<Entry>, Vec<Entry>) =
+                claimed.into_iter().partition(|entry| {
+                    deliveries.get(&entry.id).copied().unwrap_or(1) > self.max_deliveries
+                });
+            for entry in &poison {
+                self.dead_letter(entry, "too many deliveries").await?;
+            }
+            if !retry.is_empty() {
+                tracing::info!(
+                    stream,
+                    entries = retry.len(),
+                    "took over idle refresh entries"
+                );
+                self.process(retry).await?;
+            }
+        }
+        self.report_stream_gauges().await;
+        Ok(())
+    }
+
+    async fn delivery_counts(
+        &self,
+        stream: &str,
+        entries: &[Entry],
+    ) -> anyhow::Result<HashMap<String, u64>> {
+        let first = entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .min()
+            .unwrap_or("-")
+            .to_owned();
+        let last = entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .max()
+            .unwrap_or("+")
+            .to_owned();
+        let reply: Value = self
+            .redis
+            .xpending(
+                stream,
+                keys::REFRESH_GROUP,
+                (first, last, entries.len() as u64 * 2, self.name.as_str()),
+            )
+            .await?;
+        let mut counts = HashMap::new();
+        if let Value::Array(rows) = reply {
+            for row in rows {
+                if let Value::Array(columns) = row {
+                    if let (Some(id), Some(deliveries)) = (columns.first(), columns.get(3)) {
+                        if let (Some(id), Ok(n)) =
+                            (id.as_string(), deliveries.clone().convert::<u64>())
+                        {
+                            counts.insert(id, n);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn dead_letter(&self, entry: &Entry, reason: &str) -> anyhow::Result<()> {
+        let mut fields: Vec<(String, String)> = entry.fields.clone().into_iter().collect();
+        fields.push(("source_stream".to_owned(), entry.stream.clone()));
+        fields.push(("source_id".to_owned(), entry.id.clone()));
+        fields.push(("reason".to_owned(), reason.to_owned()));
+        let _: String = self
+            .redis
+            .xadd(keys::REFRESH_STREAM_DEAD, false, None::<()>, "*", fields)
+            .await?;
+        let _: i64 = self
+            .redis
+            .xack(&entry.stream, keys::REFRESH_GROUP, entry.id.as_str())
+            .await?;
+        self.metrics
+            .stream_entries
+            .with_label_values(&["dead_lettered"])
+            .inc();
+        tracing::warn!(stream = %entry.stream, entry.id = %entry.id, reason, "refresh entry dead-lettered");
+        Ok(())
+    }
+
+    /// Refreshes the chats of a batch of entries and acknowledges what is settled.
+    pub async fn process(&self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut requests: Vec<(Entry, RefreshRequest)> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match RefreshRequest::from_fields(&entry.fields) {
+                Ok(request) => requests.push((entry, request)),
+                Err(error) => self.dead_letter(&entry, &error.to_string()).await?,
+            }
+        }
+        if requests.is_empty() {
+            return Ok(());
+        }
+        let mut ids: Vec<i32> = requests.iter().map(|(_, r)| r.chat_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let targets: HashMap<i32, Target> = store::targets_by_id(&self.db, &ids)
+            .await?
+            .into_iter()
+            .map(|t| (t.chat_id, t))
+            .collect();
+
+        let now = Utc::now();
+        let recheck_before =
+            now - chrono::Duration::from_std(self.inactive_recheck).unwrap_or_default();
+        let stale_before =
+            now - chrono::Duration::from_std(self.stale_threshold).unwrap_or_default();
+        // The oldest request per chat, and whether any is manual.
+        let mut wanted: BTreeMap<i32, (chrono::DateTime<Utc>, bool)> = BTreeMap::new();
+        for (_, request) in &requests {
+            let slot = wanted
+                .entry(request.chat_id)
+                .or_insert((request.enqueued_at, false));
+            slot.0 = slot.0.min(request.enqueued_at);
+            slot.1 |= request.priority == Priority::Manual;
+        }
+        let mut settled: HashMap<i32, Option<RefreshOutcome>> = HashMap::new();
+        let mut to_refresh = Vec::new();
+        for (chat_id, (oldest, manual)) in &wanted {
+            let Some(target) = targets.get(chat_id) else {
+                settled.insert(*chat_id, None); // deleted since it was enqueued
+                continue;
+            };
+            let refreshed_since = target
+                .participants_updated_at
+                .is_some_and(|at| at >= *oldest);
+            let still_fresh = target
+                .participants_updated_at
+                .is_some_and(|at| at >= stale_before);
+            if !target.is_due(recheck_before) {
+                settled.insert(*chat_id, Some(outcome_of(target, Some("chat_unavailable"))));
+            } else if refreshed_since || (!manual && still_fresh) {
+                // Someone refreshed it after this was asked: no MAX call needed.
+                settled.insert(*chat_id, Some(outcome_of(target, None)));
+            } else {
+                to_refresh.push(target.clone());
+            }
+        }
+
+        let outcomes = self
+            .refresher
+            .refresh(to_refresh, Urgency::Urgent, None)
+            .await?;
+        for (chat_id, outcome) in &outcomes {
+            match outcome {
+                Outcome::Fresh { count, asked_at } => {
+                    settled.insert(
+                        *chat_id,
+                        Some(RefreshOutcome {
+                            chat_id: *chat_id,
+                            participants_count: Some(*count),
+                            updated_at: *asked_at,
+                            error: None,
+                        }),
+                    );
+                }
+                Outcome::Gone { status, asked_at } => {
+                    settled.insert(
+                        *chat_id,
+                        Some(RefreshOutcome {
+                            chat_id: *chat_id,
+                            participants_count: None,
+                            updated_at: *asked_at,
+                            error: Some(status.clone()),
+                        }),
+                    );
+                }
+                Outcome::Failed { .. } | Outcome::TokenInvalid => {}
+            }
+        }
+
+        // Reads weight the stale sweep; losing a few on a failure is harmless.
+        let mut reads: BTreeMap<i32, i32> = BTreeMap::new();
+        for (_, request) in &requests {
+            if request.priority == Priority::Lazy && targets.contains_key(&request.chat_id) {
+                *reads.entry(request.chat_id).or_default() += 1;
+            }
+        }
+        let reads: Vec<(i32, i32)> = reads.into_iter().collect();
+        if let Err(error) = store::record_reads(&self.db, &reads).await {
+            tracing::debug!(error = %error, "could not record reads");
+        }
+
+        // Acknowledge what is settled; the rest stays pending and is retried after claim_idle.
+        let mut acks: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        let mut retried = 0u64;
+        for (entry, request) in &requests {
+            if settled.contains_key(&request.chat_id) {
+                acks.entry(entry.stream.as_str())
+                    .or_default()
+                    .push(entry.id.as_str());
+            } else {
+                retried += 1;
+            }
+        }
+        for (chat_id, (_, manual)) in &wanted {
+            if *manual && settled.contains_key(chat_id) {
+                let _: Result<i64, _> = self.redis.del(keys::manual_refresh_marker(*chat_id)).await;
+            }
+        }
+        let mut acked = 0u64;
+        for (stream, ids) in acks {
+            let n: i64 = self.redis.xack(stream, keys::REFRESH_GROUP, ids).await?;
+            acked += n.max(0) as u64;
+        }
+        for outcome in settled.into_values().flatten() {
+            if let Ok(text) = serde_json::to_string(&outcome) {
+                let _: Result<i64, _> = self
+                    .redis
+                    .publish(keys::REFRESH_OUTCOMES_CHANNEL, text)
+                    .await;
+            }
+        }
+        self.metrics
+            .stream_entries
+            .with_label_values(&["acked"])
+            .inc_by(acked);
+        self.metrics
+            .stream_entries
+            .with_label_values(&["retried"])
+            .inc_by(retried);
+        Ok(())
+    }
+
+    /// Length, pending and lag of each stream, and the dead-letter count, as gauges.
+    async fn report_stream_gauges(&self) {
+        for stream in STREAMS {
+            if let Ok(len) = self.redis.xlen::<i64, _>(stream).await {
+                self.metrics
+                    .stream_length
+                    .with_label_values(&[stream])
+                    .set(len);
+            }
+            let groups: Result<Value, _> = self.redis.xinfo_groups(stream).await;
+            if let Ok(Value::Array(groups)) = groups {
+                for group in groups {
+                    let Ok(info) = group.convert::<HashMap<String, Value>>() else {
+                        continue;
+                    };
+                    if info.get("name").and_then(|v| v.as_string()).as_deref()
+                        != Some(keys::REFRESH_GROUP)
+                    {
+                        continue;
+                    }
+                    if let Some(pending) = info
+                        .get("pending")
+                        .and_then(|v| v.clone().convert::<i64>().ok())
+                    {
+                        self.metrics
+                            .stream_pending
+                            .with_label_values(&[stream])
+                            .set(pending);
+                    }
+                    if let Some(lag) = info
+                        .get("lag")
+                        .and_then(|v| v.clone().convert::<i64>().ok())
+                    {
+                        self.metrics
+                            .stream_lag
+                            .with_label_values(&[stream])
+                            .set(lag);
+                    }
+                }
+            }
+        }
+        if let Ok(len) = self.redis.xlen::<i64, _>(keys::REFRESH_STREAM_DEAD).await {
+            self.metrics.dead_letters.set(len);
+        }
+    }
+}
+
+fn outcome_of(target: &Target, error: Option<&str>) -> RefreshOutcome {
+    RefreshOutcome {
+        chat_id: target.chat_id,
+        participants_count: if error.is_none() {
+            target.participants_count
+        } else {
+            None
+        },
+        updated_at: target.participants_updated_at.unwrap_or_else(Utc::now),
+        error: error.map(str::to_owned),
+    }
+}
+
+/// Parses an XREADGROUP reply (`[[stream, [[id, [field, value, ...]], ...]], ...]`, or nil).
+fn parse_read_reply(reply: Value) -> anyhow::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let Value::Array(streams) = reply else {
+        return Ok(entries);
+    };
+    for stream in streams {
+        let Value::Array(mut parts) = stream else {
+            continue;
+        };
+        if parts.len() != 2 {
+            continue;
+        }
+        let list = parts.pop().unwrap_or(Value::Null);
+        let name = parts.pop().and_then(|v| v.as_string()).unwrap_or_default();
+        entries.extend(parse_entries(&name, list)?);
+    }
+    Ok(entries)
+}
+
+/// Parses a list of `[id, [field, value, ...]]`; entries deleted meanwhile (nil) are skipped.
+fn parse_entries(stream: &str, list: Value) -> anyhow::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let Value::Array(items) = list else {
+        return Ok(entries);
+    };
+    for item in items {
+        let Value::Array(mut pair) = item else {
+            continue;
+        };
+        if pair.len() != 2 {
+            continue;
+        }
+        let fields_value = pair.pop().unwrap_or(Value::Null);
+        let Some(id) = pair.pop().and_then(|v| v.as_string()) else {
+            continue;
+        };
+        let mut fields = HashMap::new();
+        if let Value::Array(flat) = fields_value {
+            let mut iter = flat.into_iter();
+            while let (Some(name), Some(value)) = (iter.next(), iter.next()) {
+                if let (Some(name), Some(value)) = (name.as_string(), value.as_string()) {
+                    fields.insert(name, value);
+                }
+            }
+        }
+        entries.push(Entry {
+            stream: stream.to_owned(),
+            id,
+            fields,
+        });
+    }
+    Ok(entries)
+}

@@ -1,0 +1,270 @@
+//! The `syncd` binary's library. `run` is the daemon (tests call it as `main` does); `sweep`
+//! and `refresh` are the one-shot commands.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub mod config;
+pub mod consumer;
+pub mod http;
+pub mod limiter;
+pub mod max;
+pub mod metrics;
+pub mod refresher;
+pub mod status;
+pub mod store;
+pub mod sweep;
+
+use crate::config::{RefreshArgs, RunArgs, SweepArgs, SyncArgs};
+use crate::limiter::{Limiter, Urgency};
+use crate::metrics::Metrics;
+use crate::refresher::{Outcome, Refresher, RefresherParts};
+use crate::status::TokenState;
+use crate::sweep::{Progress, SweepKind, Sweeper};
+
+/// The pieces every command builds from `SyncArgs`.
+struct Parts {
+    db: sqlx::PgPool,
+    redis: fred::prelude::Client,
+    metrics: Metrics,
+    refresher: Refresher,
+}
+
+async fn build(args: &SyncArgs) -> anyhow::Result<Parts> {
+    let metrics = Metrics::new();
+    let db = shared::db::pool(&args.database)?;
+    let redis = shared::redis::connect(&args.redis)?;
+    let token = TokenState::new(metrics.clone());
+    let max = max::MaxClient::new(
+        &args.max_api_url,
+        args.max_api_token.clone(),
+        args.participants_max_api_timeout,
+    )?;
+    let refresher = Refresher::new(RefresherParts {
+        max,
+        limiter: Limiter::new(redis.clone(), args.max_api_rps),
+        redis: redis.clone(),
+        db: db.clone(),
+        metrics: metrics.clone(),
+        token,
+        cache_ttl: args.freshness.participants_cache_ttl,
+        retries: args.participants_max_retries,
+        batch_size: args.participants_batch_size as usize,
+    });
+    Ok(Parts {
+        db,
+        redis,
+        metrics,
+        refresher,
+    })
+}
+
+/// A consumer name unique to this process.
+fn default_consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "syncd".to_owned());
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    format!("{host}-{}-{suffix}", std::process::id())
+}
+
+/// Runs the daemon until `shutdown` resolves: stream consumer, sweeps, heartbeat, and
+/// `/metrics` + `/health` on `listener`. On shutdown it stops taking work, gives in-flight work
+/// `shutdown_grace` to finish, hands back what is left (unacknowledged entries, released
+/// sweeps), and returns.
+pub async fn run(
+    args: RunArgs,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let parts = build(&args.sync).await?;
+    let name = args
+        .consumer_name
+        .clone()
+        .unwrap_or_else(default_consumer_name);
+    let reader = shared::redis::connect(&shared::config::RedisArgs {
+        // Blocking reads wait up to a second on the server; give them room beyond that.
+        redis_timeout: args.sync.redis.redis_timeout + Duration::from_secs(2),
+        ..args.sync.redis.clone()
+    })?;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let address = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    let http_state = http::HttpState {
+        metrics: parts.metrics.clone(),
+        token: parts.refresher.token().clone(),
+        db: parts.db.clone(),
+        redis: parts.redis.clone(),
+        consumer: name.clone(),
+    };
+    let http_cancel = cancel.clone();
+    tracker.spawn(async move {
+        let served = axum::serve(listener, http::router(http_state))
+            .with_graceful_shutdown(async move { http_cancel.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(error = %error, "syncd http server failed");
+        }
+    });
+    tracker.spawn(status::run_heartbeat(
+        parts.redis.clone(),
+        name.clone(),
+        parts.refresher.token().clone(),
+        cancel.clone(),
+    ));
+    let consumer = consumer::Consumer {
+        name: name.clone(),
+        reader,
+        redis: parts.redis.clone(),
+        db: parts.db.clone(),
+        refresher: parts.refresher.clone(),
+        metrics: parts.metrics.clone(),
+        claim_idle: args.claim_idle,
+        max_deliveries: args.max_deliveries,
+        stale_threshold: args.sync.freshness.participants_stale_threshold,
+        inactive_recheck: args.sync.participants_inactive_recheck,
+    };
+    tracker.spawn(consumer.run(cancel.clone()));
+    let sweeper = Sweeper {
+        db: parts.db.clone(),
+        refresher: parts.refresher.clone(),
+        metrics: parts.metrics.clone(),
+        owner: name.clone(),
+        stale_threshold: args.sync.freshness.participants_stale_threshold,
+        inactive_recheck: args.sync.participants_inactive_recheck,
+        update_interval: args.participants_update_interval,
+        rps: args.sync.max_api_rps,
+    };
+    tracker.spawn(sweeper.run_scheduler(
+        args.participants_enable_background_sync,
+        args.participants_full_update_hour,
+        cancel.clone(),
+    ));
+    tracker.close();
+    tracing::info!(%address, consumer = %name, rps = args.sync.max_api_rps,
+        background_sync = args.participants_enable_background_sync, "syncd running");
+
+    shutdown.await;
+    tracing::info!("stopping: no new work is taken");
+    cancel.cancel();
+    if tokio::time::timeout(args.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_s = args.shutdown_grace.as_secs(),
+            "in-flight work outlasted the grace period; handing it back"
+        );
+        parts.refresher.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+    parts.db.close().await;
+    tracing::info!("syncd stopped");
+    Ok(())
+}
+
+/// `syncd sweep`: one sweep, recorded like a scheduled one, then exit.
+pub async fn sweep_once(
+    args: SweepArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<sweep::Summary> {
+    let parts = build(&args.sync).await?;
+    let kind = if args.full {
+        SweepKind::Full
+    } else {
+        SweepKind::Stale
+    };
+    let owner = format!("sweep-{}", default_consumer_name());
+    let slot = store::request_sweep(&parts.db, kind.as_str())
+        .await
+        .context("cannot record the sweep in Postgres")?;
+    let sweep = store::claim_requested(&parts.db, kind.as_str(), slot, &owner, sweep::LEASE)
+        .await?
+        .context("the sweep was taken by a running syncd")?;
+    let sweeper = Sweeper {
+        db: parts.db.clone(),
+        refresher: parts.refresher.clone(),
+        metrics: parts.metrics.clone(),
+        owner,
+        stale_threshold: args.sync.freshness.participants_stale_threshold,
+        inactive_recheck: args.sync.participants_inactive_recheck,
+        update_interval: args.participants_update_interval,
+        rps: args.sync.max_api_rps,
+    };
+    let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("{} sweep", kind.as_str()));
+        Progress::Bar(bar)
+    } else {
+        Progress::Log
+    };
+    let cancel = CancellationToken::new();
+    let watcher = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            cancel.cancel();
+        })
+    };
+    let summary = sweeper.run(sweep, &progress, &cancel).await;
+    if let Progress::Bar(bar) = &progress {
+        bar.finish();
+    }
+    watcher.abort();
+    parts.db.close().await;
+    summary
+}
+
+/// `syncd refresh`: refreshes the named chats now; returns one line per chat.
+pub async fn refresh_once(args: RefreshArgs) -> anyhow::Result<Vec<String>> {
+    let parts = build(&args.sync).await?;
+    let targets = store::targets_by_id(&parts.db, &args.chat_ids).await?;
+    let mut lines = Vec::new();
+    for id in &args.chat_ids {
+        if !targets.iter().any(|t| t.chat_id == *id) {
+            lines.push(format!("{id}\tnot found"));
+        }
+    }
+    let max_ids: std::collections::HashMap<i32, String> = targets
+        .iter()
+        .map(|t| {
+            (
+                t.chat_id,
+                t.max_chat_id.clone().unwrap_or_else(|| "-".to_owned()),
+            )
+        })
+        .collect();
+    let outcomes = parts
+        .refresher
+        .refresh(targets, Urgency::Urgent, None)
+        .await?;
+    for (chat_id, outcome) in outcomes {
+        let max_id = max_ids.get(&chat_id).cloned().unwrap_or_default();
+        lines.push(match outcome {
+            Outcome::Fresh { count, asked_at } => format!(
+                "{chat_id}\t{max_id}\tupdated\t{count}\t{}",
+                asked_at.to_rfc3339()
+            ),
+            Outcome::Gone { status, .. } => format!("{chat_id}\t{max_id}\tunavailable\t{status}"),
+            Outcome::Failed { kind, .. } => format!("{chat_id}\t{max_id}\tfailed\t{kind}"),
+            Outcome::TokenInvalid => format!("{chat_id}\t{max_id}\tfailed\tinvalid_token"),
+        });
+    }
+    parts.db.close().await;
+    let _ = parts.redis;
+    Ok(lines)
+}

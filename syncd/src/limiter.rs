@@ -1,0 +1,152 @@
+//! One MAX rate limit for the whole fleet, kept in Redis: GCRA with reservations.
+//!
+//! Each call reserves the next free slot (slots are `1 / (rps * RATE_SAFETY)` apart on the Redis
+//! server's clock, so replicas' clocks do not matter) and sleeps until it. A caller may reserve
+//! only a little ahead, so sweeps never hoard the future: urgent callers (lazy and manual
+//! refreshes) may queue up to two seconds ahead, sweeps two slots ahead and only while no urgent
+//! work waits anywhere in the fleet. A 429 pauses everyone.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use shared::keys;
+use shared::redis::run_script;
+use tokio::sync::Mutex;
+
+/// Slots are spaced for 97% of the configured rate, so that network jitter between the
+/// reservation and MAX's arrival clock cannot push any one-second window over the limit
+/// (about 30 ms of tolerance at any rate).
+pub const RATE_SAFETY: f64 = 0.97;
+
+/// How far ahead urgent work may reserve.
+const URGENT_HORIZON: Duration = Duration::from_secs(2);
+
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS: tat, pause, urgent. ARGV[1]: slot interval µs, ARGV[2]: horizon µs, ARGV[3]: 1 if urgent.
+-- Returns >= 0: reserved, call after this many µs; < 0: not reserved, ask again after -n µs.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
+if now < pause then return -(pause - now) end
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[3], '1', 'PX', 500)
+elseif redis.call('EXISTS', KEYS[3]) == 1 then
+  return -interval
+end
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(tat, now)
+local wait = start - now
+local horizon = tonumber(ARGV[2])
+if wait > horizon then return -math.max(wait - horizon, 1000) end
+redis.call('SET', KEYS[1], string.format('%d', start + interval), 'PX', math.floor((start + interval - now) / 1000) + 1000)
+return wait
+"#,
+    )
+});
+
+static PAUSE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS[1]: pause. ARGV[1]: pause length µs. Extends the pause, never shortens it.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local until_us = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < until_us then
+  redis.call('SET', KEYS[1], string.format('%d', until_us), 'PX', math.floor(tonumber(ARGV[1]) / 1000) + 1000)
+end
+return 1
+"#,
+    )
+});
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Urgency {
+    /// Lazy and manual refreshes: served first.
+    Urgent,
+    /// Sweeps: use what urgent work leaves.
+    Sweep,
+}
+
+pub struct Limiter {
+    client: Client,
+    interval_us: u64,
+    urgent_gate: Mutex<()>,
+    sweep_gate: Mutex<()>,
+}
+
+impl Limiter {
+    pub fn new(client: Client, rps: f64) -> Self {
+        let interval_us = (1_000_000.0 / (rps * RATE_SAFETY)).ceil().max(1.0) as u64;
+        Self {
+            client,
+            interval_us,
+            urgent_gate: Mutex::new(()),
+            sweep_gate: Mutex::new(()),
+        }
+    }
+
+    /// Waits until this process may make one MAX call. Returns how long it waited. While Redis
+    /// is unreachable nobody can know the fleet's rate, so this waits for Redis too.
+    pub async fn acquire(&self, urgency: Urgency) -> Duration {
+        let started = Instant::now();
+        let (gate, horizon, urgent_flag) = match urgency {
+            Urgency::Urgent => (&self.urgent_gate, URGENT_HORIZON.as_micros() as u64, "1"),
+            Urgency::Sweep => (&self.sweep_gate, self.interval_us * 2, "0"),
+        };
+        let wait_us = {
+            // One task per process and urgency asks Redis at a time; the rest queue here.
+            let _turn = gate.lock().await;
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let reply: Result<i64, _> = run_script(
+                    &self.client,
+                    &ACQUIRE,
+                    vec![
+                        keys::LIMITER_TAT.to_owned(),
+                        keys::LIMITER_PAUSE.to_owned(),
+                        keys::LIMITER_URGENT.to_owned(),
+                    ],
+                    vec![
+                        self.interval_us.to_string(),
+                        horizon.to_string(),
+                        urgent_flag.to_owned(),
+                    ],
+                )
+                .await;
+                match reply {
+                    Ok(wait) if wait >= 0 => break wait as u64,
+                    Ok(retry) => {
+                        tokio::time::sleep(Duration::from_micros(retry.unsigned_abs())).await
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %error, "rate limiter unreachable; holding MAX calls");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        };
+        tokio::time::sleep(Duration::from_micros(wait_us)).await;
+        started.elapsed()
+    }
+
+    /// Holds every replica off MAX for `length` (after a 429; MAX sends no Retry-After).
+    pub async fn pause(&self, length: Duration) {
+        let result: Result<i64, _> = run_script(
+            &self.client,
+            &PAUSE,
+            vec![keys::LIMITER_PAUSE.to_owned()],
+            vec![(length.as_micros() as u64).to_string()],
+        )
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(error = %error, "could not record the fleet-wide pause");
+        }
+    }
+}

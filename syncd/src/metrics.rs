@@ -1,0 +1,128 @@
+//! Prometheus metrics of the `syncd` process. Names follow the seeds (`participants_*`).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub max_requests: IntCounterVec,
+    pub max_errors: IntCounterVec,
+    pub update_duration: Histogram,
+    pub limiter_wait: Histogram,
+    pub refreshed: IntCounter,
+    pub token_valid: IntGauge,
+    pub stream_entries: IntCounterVec,
+    pub stream_length: IntGaugeVec,
+    pub stream_pending: IntGaugeVec,
+    pub stream_lag: IntGaugeVec,
+    pub dead_letters: IntGauge,
+    pub sweep_done: IntGaugeVec,
+    pub sweep_planned: IntGaugeVec,
+    pub sweeps: IntCounterVec,
+    pub stale_data_count: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric registers once");
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            register(
+                &r,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                    .expect("valid metric"),
+            )
+        };
+        Self {
+            max_requests: counter_vec(
+                "participants_max_api_requests_total",
+                "MAX API calls, by result (ok or error)",
+                &["result"],
+            ),
+            max_errors: counter_vec(
+                "participants_max_api_errors_total",
+                "Failed MAX API calls, by kind (rate_limited, timeout, server_error, invalid_token, not_found, ...)",
+                &["kind"],
+            ),
+            update_duration: histogram(
+                "participants_update_duration_seconds",
+                "Duration of one MAX API call",
+                vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            limiter_wait: histogram(
+                "participants_limiter_wait_seconds",
+                "Time a MAX call waited for the fleet-wide rate limiter",
+                vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            refreshed: register(&r, IntCounter::new("participants_refreshed_total", "Counts refreshed and written").expect("valid metric")),
+            token_valid: register(
+                &r,
+                IntGauge::new("participants_max_token_valid", "0 while MAX rejects the bot token").expect("valid metric"),
+            ),
+            stream_entries: counter_vec(
+                "participants_stream_entries_total",
+                "Refresh stream entries handled, by outcome (acked, retried, dead_lettered)",
+                &["outcome"],
+            ),
+            stream_length: gauge_vec("participants_stream_length", "Entries in each refresh stream", &["stream"]),
+            stream_pending: gauge_vec(
+                "participants_stream_pending",
+                "Entries delivered to a consumer and not yet acknowledged",
+                &["stream"],
+            ),
+            stream_lag: gauge_vec(
+                "participants_stream_lag",
+                "Entries not yet delivered to any consumer of the group",
+                &["stream"],
+            ),
+            dead_letters: register(
+                &r,
+                IntGauge::new("participants_dead_letters", "Entries in the dead-letter stream").expect("valid metric"),
+            ),
+            sweep_done: gauge_vec("participants_sweep_done", "Chats done by the running or last sweep", &["kind"]),
+            sweep_planned: gauge_vec("participants_sweep_planned", "Chats planned for the running or last sweep", &["kind"]),
+            sweeps: counter_vec("participants_sweeps_total", "Sweeps run by this replica, by kind and result", &["kind", "result"]),
+            stale_data_count: register(
+                &r,
+                IntGauge::new("participants_stale_data_count", "Chats whose count is older than the stale threshold or missing")
+                    .expect("valid metric"),
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding of gathered metrics does not fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

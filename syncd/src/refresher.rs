@@ -1,0 +1,384 @@
+//! Refreshing a set of chats: MAX calls (concurrent, within the fleet-wide limit, retried with
+//! backoff), then both writes, fenced by the time MAX was asked.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use fred::prelude::*;
+use futures::StreamExt;
+use rand::Rng;
+use shared::counts::{self, CachedCount};
+use shared::ids::MaxChatId;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::limiter::{Limiter, Urgency};
+use crate::max::{MaxChat, MaxClient, MaxError};
+use crate::metrics::Metrics;
+use crate::status::TokenState;
+use crate::store::{self, Failure, FreshCount, Target};
+
+/// First retry delay; doubles per attempt, with full jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// The fleet-wide pause after a 429; doubles while 429s continue.
+const PAUSE_BASE: Duration = Duration::from_secs(1);
+const PAUSE_CAP: Duration = Duration::from_secs(30);
+/// After this many transient failures in a row the breaker opens for `BREAKER_OPEN`.
+const BREAKER_THRESHOLD: u32 = 20;
+const BREAKER_OPEN: Duration = Duration::from_secs(10);
+
+/// What happened to one chat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// MAX gave a count.
+    Fresh { count: i32, asked_at: DateTime<Utc> },
+    /// MAX says the bot cannot see this chat (non-active status, 403, 404) or its id is unusable.
+    Gone {
+        status: String,
+        asked_at: DateTime<Utc>,
+    },
+    /// A passing failure that outlasted the retries; worth trying again later.
+    Failed {
+        kind: String,
+        asked_at: DateTime<Utc>,
+    },
+    /// The token is invalid: nothing was asked.
+    TokenInvalid,
+}
+
+impl Outcome {
+    /// Whether the chat needs no further attempt for now.
+    pub fn is_settled(&self) -> bool {
+        matches!(self, Outcome::Fresh { .. } | Outcome::Gone { .. })
+    }
+}
+
+#[derive(Clone)]
+pub struct Refresher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    max: MaxClient,
+    limiter: Limiter,
+    redis: Client,
+    db: PgPool,
+    metrics: Metrics,
+    token: TokenState,
+    cache_ttl: Duration,
+    retries: u32,
+    batch_size: usize,
+    consecutive_transient: AtomicU32,
+    pause_level: AtomicU32,
+    breaker_open_until: std::sync::Mutex<Option<Instant>>,
+    stopping: AtomicBool,
+}
+
+/// Settings of a `Refresher`.
+pub struct RefresherParts {
+    pub max: MaxClient,
+    pub limiter: Limiter,
+    pub redis: Client,
+    pub db: PgPool,
+    pub metrics: Metrics,
+    pub token: TokenState,
+    pub cache_ttl: Duration,
+    pub retries: u32,
+    pub batch_size: usize,
+}
+
+impl Refresher {
+    pub fn new(parts: RefresherParts) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                max: parts.max,
+                limiter: parts.limiter,
+                redis: parts.redis,
+                db: parts.db,
+                metrics: parts.metrics,
+                token: parts.token,
+                cache_ttl: parts.cache_ttl,
+                retries: parts.retries,
+                batch_size: parts.batch_size.max(1),
+                consecutive_transient: AtomicU32::new(0),
+                pause_level: AtomicU32::new(0),
+                breaker_open_until: std::sync::Mutex::new(None),
+                stopping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.inner.batch_size
+    }
+
+    pub fn token(&self) -> &TokenState {
+        &self.inner.token
+    }
+
+    /// Stops starting MAX calls (shutdown); calls in flight finish.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Refreshes `targets`: up to `batch_size` MAX calls in flight, results written to Redis and
+    /// Postgres in batches of `batch_size`. Returns each chat's outcome, or an error when a
+    /// write failed (then nothing about the failed batch may be acknowledged).
+    ///
+    /// Once `stop` fires no new call starts (calls in flight finish); the chats not asked get
+    /// `Outcome::Failed { kind: "stopped" }`.
+    pub async fn refresh(
+        &self,
+        targets: Vec<Target>,
+        urgency: Urgency,
+        stop: Option<&CancellationToken>,
+    ) -> anyhow::Result<Vec<(i32, Outcome)>> {
+        let inner = &self.inner;
+        let mut results = Vec::with_capacity(targets.len());
+        let mut calls = futures::stream::iter(targets)
+            .map(|target| async move {
+                let outcome = if stop.is_some_and(CancellationToken::is_cancelled) {
+                    Outcome::Failed {
+                        kind: "stopped".to_owned(),
+                        asked_at: Utc::now(),
+                    }
+                } else {
+                    self.refresh_one(&target, urgency).await
+                };
+                (target.chat_id, outcome)
+            })
+            .buffer_unordered(inner.batch_size)
+            .ready_chunks(inner.batch_size);
+        while let Some(chunk) = calls.next().await {
+            self.write(&chunk).await?;
+            results.extend(chunk);
+        }
+        Ok(results)
+    }
+
+    async fn write(&self, chunk: &[(i32, Outcome)]) -> anyhow::Result<()> {
+        let inner = &self.inner;
+        let mut fresh = Vec::new();
+        let mut failures = Vec::new();
+        for (chat_id, outcome) in chunk {
+            match outcome {
+                Outcome::Failed { kind, .. } if kind == "stopped" => {}
+                Outcome::Fresh { count, asked_at } => fresh.push(FreshCount {
+                    chat_id: *chat_id,
+                    count: *count,
+                    asked_at: *asked_at,
+                }),
+                Outcome::Gone { status, asked_at } => failures.push(Failure {
+                    chat_id: *chat_id,
+                    status: status.clone(),
+                    error: status.clone(),
+                    asked_at: *asked_at,
+                }),
+                Outcome::Failed { kind, asked_at } => failures.push(Failure {
+                    chat_id: *chat_id,
+                    status: "active".to_owned(),
+                    error: kind.clone(),
+                    asked_at: *asked_at,
+                }),
+                Outcome::TokenInvalid => {}
+            }
+        }
+        if !fresh.is_empty() {
+            let entries: Vec<(i32, CachedCount)> = fresh
+                .iter()
+                .map(|f| {
+                    (
+                        f.chat_id,
+                        CachedCount {
+                            count: f.count,
+                            updated_at: f.asked_at,
+                        },
+                    )
+                })
+                .collect();
+            counts::write_fenced(&inner.redis, &entries, inner.cache_ttl)
+                .await
+                .map_err(|e| anyhow::anyhow!("writing counts to redis failed: {e}"))?;
+            store::write_counts(&inner.db, &fresh).await?;
+            inner.metrics.refreshed.inc_by(fresh.len() as u64);
+        }
+        store::write_failures(&inner.db, &failures).await?;
+        Ok(())
+    }
+
+    async fn refresh_one(&self, target: &Target, urgency: Urgency) -> Outcome {
+        let now = Utc::now();
+        let Some(max_id) = target
+            .max_chat_id
+            .as_deref()
+            .and_then(|text| MaxChatId::parse(text).ok())
+        else {
+            return Outcome::Gone {
+                status: "invalid_id".to_owned(),
+                asked_at: now,
+            };
+        };
+        match self.fetch(max_id, urgency).await {
+            Ok((chat, asked_at)) if chat.is_active() => Outcome::Fresh {
+                count: chat.participants_count,
+                asked_at,
+            },
+            Ok((chat, asked_at)) => Outcome::Gone {
+                status: chat.status,
+                asked_at,
+            },
+            Err((MaxError::ChatUnavailable(kind), asked_at)) => Outcome::Gone {
+                status: kind.to_owned(),
+                asked_at,
+            },
+            Err((MaxError::InvalidToken, _)) => Outcome::TokenInvalid,
+            Err((error, asked_at)) => Outcome::Failed {
+                kind: error.kind().to_owned(),
+                asked_at,
+            },
+        }
+    }
+
+    /// One chat from MAX, with retries. Returns the chat and the moment the successful call was
+    /// made (the write fence), or the last error and when it happened.
+    async fn fetch(
+        &self,
+        chat_id: MaxChatId,
+        urgency: Urgency,
+    ) -> Result<(MaxChat, DateTime<Utc>), (MaxError, DateTime<Utc>)> {
+        let inner = &self.inner;
+        let mut attempt = 0;
+        loop {
+            if inner.stopping.load(Ordering::Relaxed) {
+                return Err((MaxError::Transient("shutting_down"), Utc::now()));
+            }
+            // While the token is rejected, one call a minute (fleet member-wide) is let through
+            // as a probe; every other call stops here.
+            let probing = !inner.token.reported_valid();
+            if probing && !inner.token.is_valid() {
+                return Err((MaxError::InvalidToken, Utc::now()));
+            }
+            if let Some(wait) = self.breaker_wait() {
+                tokio::time::sleep(wait).await;
+            }
+            let waited = inner.limiter.acquire(urgency).await;
+            inner.metrics.limiter_wait.observe(waited.as_secs_f64());
+            // The token may have been rejected while this call waited for its slot.
+            if !probing && !inner.token.reported_valid() {
+                return Err((MaxError::InvalidToken, Utc::now()));
+            }
+            let asked_at = Utc::now();
+            let started = Instant::now();
+            let result = inner.max.get_chat(chat_id).await;
+            inner
+                .metrics
+                .update_duration
+                .observe(started.elapsed().as_secs_f64());
+            let error = match result {
+                Ok(chat) => {
+                    inner.metrics.max_requests.with_label_values(&["ok"]).inc();
+                    inner.consecutive_transient.store(0, Ordering::Relaxed);
+                    inner.pause_level.store(0, Ordering::Relaxed);
+                    inner.token.record_success();
+                    return Ok((chat, asked_at));
+                }
+                Err(error) => error,
+            };
+            inner
+                .metrics
+                .max_requests
+                .with_label_values(&["error"])
+                .inc();
+            inner
+                .metrics
+                .max_errors
+                .with_label_values(&[error.kind()])
+                .inc();
+            match &error {
+                MaxError::RateLimited => {
+                    let level = inner.pause_level.fetch_add(1, Ordering::Relaxed).min(5);
+                    let pause = (PAUSE_BASE * 2u32.pow(level)).min(PAUSE_CAP);
+                    tracing::warn!(
+                        pause_ms = pause.as_millis() as u64,
+                        "MAX answered 429; pausing the fleet"
+                    );
+                    inner.limiter.pause(pause).await;
+                }
+                MaxError::Transient(_) => {
+                    let failures = inner.consecutive_transient.fetch_add(1, Ordering::Relaxed) + 1;
+                    if failures == BREAKER_THRESHOLD {
+                        tracing::warn!(
+                            failures,
+                            open_s = BREAKER_OPEN.as_secs(),
+                            "MAX keeps failing; circuit open"
+                        );
+                        *inner
+                            .breaker_open_until
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) =
+                            Some(Instant::now() + BREAKER_OPEN);
+                    }
+                }
+                MaxError::InvalidToken => {
+                    inner.token.record_invalid(&error);
+                    return Err((error, asked_at));
+                }
+                MaxError::ChatUnavailable(_) | MaxError::Unexpected(_) => {
+                    inner.token.record_success();
+                    return Err((error, asked_at));
+                }
+            }
+            inner.token.record_error(&error);
+            if attempt >= inner.retries {
+                return Err((error, asked_at));
+            }
+            attempt += 1;
+            if matches!(error, MaxError::Transient(_)) {
+                let cap = (BACKOFF_BASE * 2u32.pow(attempt.min(10))).min(BACKOFF_CAP);
+                let jitter = rand::thread_rng().gen_range(0..=cap.as_millis() as u64);
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+            }
+        }
+    }
+
+    /// While the token is rejected: when a probe is due, one MAX call for some chat tells
+    /// whether the token works again (any answer but 401/403 `verify.token` means it does).
+    pub async fn probe_token(&self, db: &PgPool) {
+        let sample: Option<String> = sqlx::query_scalar(
+            "select max_chat_id from chats where max_chat_id ~ '^-?[0-9]+$' order by id limit 1",
+        )
+        .fetch_optional(db)
+        .await
+        .ok()
+        .flatten();
+        let Some(max_id) = sample
+            .as_deref()
+            .and_then(|text| MaxChatId::parse(text).ok())
+        else {
+            return;
+        };
+        // `fetch` lets exactly one call through per recheck period.
+        let _ = self.fetch(max_id, Urgency::Urgent).await;
+    }
+
+    fn breaker_wait(&self) -> Option<Duration> {
+        let mut open = self
+            .inner
+            .breaker_open_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match *open {
+            Some(until) if until > Instant::now() => Some(until - Instant::now()),
+            Some(_) => {
+                // Half-open: let calls through; one more failure streak opens it again.
+                *open = None;
+                self.inner.consecutive_transient.store(0, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Whether MAX accepts the bot token, and the fleet status syncd publishes for the api's
+//! `/health/detailed`: a heartbeat per replica and the last MAX success and error.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use fred::prelude::*;
+use shared::keys::{self, status};
+use tokio_util::sync::CancellationToken;
+
+use crate::max::MaxError;
+use crate::metrics::Metrics;
+
+/// While the token is invalid, one call per this period checks whether it works again.
+pub const TOKEN_RECHECK: Duration = Duration::from_secs(60);
+/// How often a replica writes its heartbeat.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// Heartbeats older than this are removed from the status hash.
+const HEARTBEAT_FORGET: Duration = Duration::from_secs(3600);
+
+#[derive(Clone)]
+pub struct TokenState {
+    inner: Arc<TokenInner>,
+}
+
+struct TokenInner {
+    valid: AtomicBool,
+    next_probe_ms: AtomicI64,
+    last_success_ms: AtomicI64,
+    last_error: Mutex<Option<(String, i64)>>,
+    metrics: Metrics,
+    /// Wakes the heartbeat so that a change of validity is published at once.
+    changed: tokio::sync::Notify,
+}
+
+impl TokenState {
+    pub fn new(metrics: Metrics) -> Self {
+        metrics.token_valid.set(1);
+        Self {
+            inner: Arc::new(TokenInner {
+                valid: AtomicBool::new(true),
+                next_probe_ms: AtomicI64::new(0),
+                last_success_ms: AtomicI64::new(0),
+                last_error: Mutex::new(None),
+                metrics,
+                changed: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    /// True while calls may be made. While the token is invalid it is true once per
+    /// `TOKEN_RECHECK`, for exactly one caller, whose call is the probe.
+    pub fn is_valid(&self) -> bool {
+        if self.inner.valid.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = Utc::now().timestamp_millis();
+        let next = self.inner.next_probe_ms.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .inner
+                .next_probe_ms
+                .compare_exchange(
+                    next,
+                    now + TOKEN_RECHECK.as_millis() as i64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Whether the token was valid at the last answer (for reporting; no probe).
+    pub fn reported_valid(&self) -> bool {
+        self.inner.valid.load(Ordering::Relaxed)
+    }
+
+    pub fn record_success(&self) {
+        self.inner
+            .last_success_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+        if !self.inner.valid.swap(true, Ordering::Relaxed) {
+            self.inner.metrics.token_valid.set(1);
+            self.inner.changed.notify_one();
+            tracing::info!("MAX accepts the bot token again; calls resume");
+        }
+    }
+
+    pub fn record_invalid(&self, error: &MaxError) {
+        self.record_error(error);
+        let now = Utc::now().timestamp_millis();
+        self.inner
+            .next_probe_ms
+            .store(now + TOKEN_RECHECK.as_millis() as i64, Ordering::Relaxed);
+        if self.inner.valid.swap(false, Ordering::Relaxed) {
+            self.inner.metrics.token_valid.set(0);
+            self.inner.changed.notify_one();
+        }
+        tracing::error!(
+            recheck_s = TOKEN_RECHECK.as_secs(),
+            "MAX rejected the bot token (MAX_API_TOKEN): all MAX calls are stopped; fix the token"
+        );
+    }
+
+    pub fn record_error(&self, error: &MaxError) {
+        *self
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) =
+            Some((error.kind().to_owned(), Utc::now().timestamp_millis()));
+    }
+
+    fn fields(&self) -> Vec<(String, String)> {
+        let mut fields = vec![(
+            status::MAX_TOKEN.to_owned(),
+            if self.reported_valid() {
+                "valid"
+            } else {
+                "invalid"
+            }
+            .to_owned(),
+        )];
+        let success = self.inner.last_success_ms.load(Ordering::Relaxed);
+        if success > 0 {
+            fields.push((status::MAX_LAST_SUCCESS_AT.to_owned(), success.to_string()));
+        }
+        if let Some((kind, at)) = self
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            fields.push((status::MAX_LAST_ERROR.to_owned(), kind));
+            fields.push((status::MAX_LAST_ERROR_AT.to_owned(), at.to_string()));
+        }
+        fields
+    }
+}
+
+/// Writes this replica's heartbeat and the token status every few seconds until `cancel`,
+/// then removes the heartbeat.
+pub async fn run_heartbeat(
+    redis: Client,
+    consumer: String,
+    token: TokenState,
+    cancel: CancellationToken,
+) {
+    let field = format!("{}{consumer}", status::HEARTBEAT_PREFIX);
+    loop {
+        let mut fields = token.fields();
+        fields.push((field.clone(), Utc::now().timestamp_millis().to_string()));
+        let written: Result<(), _> = redis.hset(keys::SYNCD_STATUS, fields).await;
+        if let Err(error) = written {
+            tracing::debug!(error = %error, "could not write the heartbeat");
+        }
+        forget_old_heartbeats(&redis).await;
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+            () = token.inner.changed.notified() => {}
+        }
+    }
+    let _: Result<(), _> = redis.hdel(keys::SYNCD_STATUS, field).await;
+}
+
+async fn forget_old_heartbeats(redis: &Client) {
+    let Ok(all) = redis
+        .hgetall::<std::collections::HashMap<String, String>, _>(keys::SYNCD_STATUS)
+        .await
+    else {
+        return;
+    };
+    let cutoff = Utc::now().timestamp_millis() - HEARTBEAT_FORGET.as_millis() as i64;
+    let old: Vec<String> = all
+        .into_iter()
+        .filter(|(name, value)| {
+            name.starts_with(status::HEARTBEAT_PREFIX)
+                && value.parse::<i64>().is_ok_and(|ms| ms < cutoff)
+        })
+        .map(|(name, _)| name)
+        .collect();
+    if !old.is_empty() {
+        let _: Result<(), _> = redis.hdel(keys::SYNCD_STATUS, old).await;
+    }
+}

@@ -1,0 +1,364 @@
+//! syncd's Postgres: which chats to refresh, the fenced batched writes of results, and the
+//! sweep bookkeeping. The one place syncd's SQL lives.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+/// A chat as syncd sees it before asking MAX.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Target {
+    pub chat_id: i32,
+    pub max_chat_id: Option<String>,
+    pub participants_count: Option<i32>,
+    pub participants_updated_at: Option<DateTime<Utc>>,
+    pub sync_status: Option<String>,
+    pub checked_at: Option<DateTime<Utc>>,
+}
+
+impl Target {
+    /// False for a chat MAX said the bot cannot see, until `recheck_before` has passed.
+    pub fn is_due(&self, recheck_before: DateTime<Utc>) -> bool {
+        match self.sync_status.as_deref() {
+            None | Some("active") => true,
+            Some(_) => self.checked_at.is_none_or(|at| at < recheck_before),
+        }
+    }
+}
+
+const TARGET_COLUMNS: &str = "c.id as chat_id, c.max_chat_id, p.participants_count, \
+     p.participants_updated_at, p.sync_status, p.checked_at";
+
+pub async fn targets_by_id(pool: &PgPool, ids: &[i32]) -> Result<Vec<Target>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "select {TARGET_COLUMNS} from chats c left join chat_participants p on p.chat_id = c.id \
+         where c.id = any($1) order by c.id"
+    ))
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// The next page of a full sweep, in id order after `after_id`.
+pub async fn targets_after(
+    pool: &PgPool,
+    after_id: i32,
+    limit: i64,
+) -> Result<Vec<Target>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "select {TARGET_COLUMNS} from chats c left join chat_participants p on p.chat_id = c.id \
+         where c.id > $1 order by c.id limit $2"
+    ))
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The chats most in need of a refresh: never refreshed first, then by age weighted by how
+/// often people read them (an hour-old count of a chat read 20 times outranks a two-hour-old
+/// one nobody reads). Chats MAX said are gone wait for their recheck.
+pub async fn stale_targets(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    stale_before: DateTime<Utc>,
+    recheck_before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Target>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "select {TARGET_COLUMNS} from chats c left join chat_participants p on p.chat_id = c.id \
+         where c.max_chat_id is not null \
+           and (p.chat_id is null \
+                or (p.sync_status = 'active' and (p.participants_updated_at is null or p.participants_updated_at < $2)) \
+                or (p.sync_status <> 'active' and (p.checked_at is null or p.checked_at < $3))) \
+         order by p.participants_updated_at is not null, \
+                  extract(epoch from ($1 - coalesce(p.participants_updated_at, $1))) \
+                      * (1 + ln(1 + greatest(coalesce(p.read_count, 0), 0))) desc, \
+                  c.id \
+         limit $4"
+    ))
+    .bind(now)
+    .bind(stale_before)
+    .bind(recheck_before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// How many chats with a MAX id have a count older than `stale_before` or none.
+pub async fn count_stale(pool: &PgPool, stale_before: DateTime<Utc>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "select count(*) from chats c left join chat_participants p on p.chat_id = c.id \
+         where c.max_chat_id is not null and coalesce(p.sync_status, 'active') = 'active' \
+           and (p.participants_updated_at is null or p.participants_updated_at < $1)",
+    )
+    .bind(stale_before)
+    .fetch_one(pool)
+    .await
+}
+
+/// A count MAX gave, and when it was asked.
+#[derive(Clone, Copy, Debug)]
+pub struct FreshCount {
+    pub chat_id: i32,
+    pub count: i32,
+    pub asked_at: DateTime<Utc>,
+}
+
+/// Writes counts in one statement, each only where it is newer than the stored one, and
+/// mirrors a changed count into `chats.participants_count` (the legacy column and fallback).
+/// Chats deleted meanwhile are skipped. Returns how many counts were written.
+pub async fn write_counts(pool: &PgPool, counts: &[FreshCount]) -> Result<u64, sqlx::Error> {
+    if counts.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i32> = counts.iter().map(|c| c.chat_id).collect();
+    let values: Vec<i32> = counts.iter().map(|c| c.count).collect();
+    let asked: Vec<DateTime<Utc>> = counts.iter().map(|c| c.asked_at).collect();
+    let written: i64 = sqlx::query_scalar(
+        "with input as ( \
+             select distinct on (t.chat_id) t.chat_id, t.count, t.asked_at \
+             from unnest($1::integer[], $2::integer[], $3::timestamptz[]) as t(chat_id, count, asked_at) \
+             join chats c on c.id = t.chat_id \
+             order by t.chat_id, t.asked_at desc), \
+         written as ( \
+             insert into chat_participants as p \
+                 (chat_id, participants_count, participants_updated_at, sync_status, checked_at, last_error, consecutive_failures) \
+             select chat_id, count, asked_at, 'active', asked_at, null, 0 from input \
+             on conflict (chat_id) do update set \
+                 participants_count = excluded.participants_count, \
+                 participants_updated_at = excluded.participants_updated_at, \
+                 sync_status = 'active', \
+                 checked_at = greatest(p.checked_at, excluded.checked_at), \
+                 last_error = null, \
+                 consecutive_failures = 0 \
+             where p.participants_updated_at is null or p.participants_updated_at < excluded.participants_updated_at \
+             returning p.chat_id, p.participants_count), \
+         mirrored as ( \
+             update chats c set participants_count = w.participants_count from written w \
+             where c.id = w.chat_id and c.participants_count is distinct from w.participants_count) \
+         select count(*) from written",
+    )
+    .bind(&ids)
+    .bind(&values)
+    .bind(&asked)
+    .fetch_one(pool)
+    .await?;
+    Ok(written as u64)
+}
+
+/// Why a chat got no count.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub chat_id: i32,
+    /// `active` for a passing failure, else why MAX will not give a count: removed, left,
+    /// closed, not_found, forbidden or invalid_id
+    pub status: String,
+    pub error: String,
+    pub asked_at: DateTime<Utc>,
+}
+
+/// Records failures in one statement, fenced by `checked_at`. The last count is kept.
+pub async fn write_failures(pool: &PgPool, failures: &[Failure]) -> Result<(), sqlx::Error> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i32> = failures.iter().map(|f| f.chat_id).collect();
+    let statuses: Vec<&str> = failures.iter().map(|f| f.status.as_str()).collect();
+    let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+    let asked: Vec<DateTime<Utc>> = failures.iter().map(|f| f.asked_at).collect();
+    sqlx::query(
+        "insert into chat_participants as p (chat_id, sync_status, checked_at, last_error, consecutive_failures) \
+         select distinct on (t.chat_id) t.chat_id, t.status, t.asked_at, t.error, 1 \
+         from unnest($1::integer[], $2::text[], $3::text[], $4::timestamptz[]) as t(chat_id, status, error, asked_at) \
+         join chats c on c.id = t.chat_id \
+         order by t.chat_id, t.asked_at desc \
+         on conflict (chat_id) do update set \
+             sync_status = excluded.sync_status, \
+             checked_at = excluded.checked_at, \
+             last_error = excluded.last_error, \
+             consecutive_failures = p.consecutive_failures + 1 \
+         where p.checked_at is null or p.checked_at < excluded.checked_at",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&errors)
+    .bind(&asked)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Counts reads of chats (one per lazy refresh entry) to weight the stale sweep.
+pub async fn record_reads(pool: &PgPool, reads: &[(i32, i32)]) -> Result<(), sqlx::Error> {
+    if reads.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i32> = reads.iter().map(|r| r.0).collect();
+    let counts: Vec<i32> = reads.iter().map(|r| r.1).collect();
+    sqlx::query(
+        "insert into chat_participants as p (chat_id, read_count, last_read_at) \
+         select t.chat_id, t.n, now() from unnest($1::integer[], $2::integer[]) as t(chat_id, n) \
+         join chats c on c.id = t.chat_id \
+         on conflict (chat_id) do update set read_count = p.read_count + excluded.read_count, last_read_at = now()",
+    )
+    .bind(&ids)
+    .bind(&counts)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One sweep's row.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Sweep {
+    pub kind: String,
+    pub slot: DateTime<Utc>,
+    pub position: i32,
+    pub planned: Option<i32>,
+    pub done: i32,
+    pub failed: i32,
+}
+
+/// Claims a cron slot; `None` when another replica already has (or had) it.
+pub async fn claim_slot(
+    pool: &PgPool,
+    kind: &str,
+    slot: DateTime<Utc>,
+    owner: &str,
+    lease: std::time::Duration,
+) -> Result<Option<Sweep>, sqlx::Error> {
+    sqlx::query_as(
+        "insert into sync_sweeps (kind, slot, owner, lease_until) \
+         values ($1, $2, $3, now() + make_interval(secs => $4)) \
+         on conflict (kind, slot) do nothing \
+         returning kind, slot, position, planned, done, failed",
+    )
+    .bind(kind)
+    .bind(slot)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
+/// Takes over one unfinished sweep that nobody holds: asked for by an operator (no owner yet)
+/// or left behind by a replica that stopped renewing its lease.
+pub async fn take_over_orphan(
+    pool: &PgPool,
+    owner: &str,
+    lease: std::time::Duration,
+) -> Result<Option<Sweep>, sqlx::Error> {
+    sqlx::query_as(
+        "update sync_sweeps s set owner = $1, lease_until = now() + make_interval(secs => $2) \
+         from (select kind, slot from sync_sweeps \
+               where finished_at is null and (owner is null or lease_until < now()) \
+               order by slot limit 1 for update skip locked) o \
+         where s.kind = o.kind and s.slot = o.slot \
+         returning s.kind, s.slot, s.position, s.planned, s.done, s.failed",
+    )
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
+/// Records progress and renews the lease. False when the lease was lost to another replica.
+pub async fn advance_sweep(
+    pool: &PgPool,
+    sweep: &Sweep,
+    owner: &str,
+    lease: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, \
+             lease_until = now() + make_interval(secs => $8) \
+         where kind = $1 and slot = $2 and owner = $3 and finished_at is null",
+    )
+    .bind(&sweep.kind)
+    .bind(sweep.slot)
+    .bind(owner)
+    .bind(sweep.position)
+    .bind(sweep.planned)
+    .bind(sweep.done)
+    .bind(sweep.failed)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+pub async fn finish_sweep(pool: &PgPool, sweep: &Sweep, owner: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, \
+             finished_at = now(), lease_until = null \
+         where kind = $1 and slot = $2 and owner = $3",
+    )
+    .bind(&sweep.kind)
+    .bind(sweep.slot)
+    .bind(owner)
+    .bind(sweep.position)
+    .bind(sweep.planned)
+    .bind(sweep.done)
+    .bind(sweep.failed)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Gives a sweep back on shutdown so that another replica resumes it at once.
+pub async fn release_sweep(pool: &PgPool, sweep: &Sweep, owner: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, owner = null, lease_until = null \
+         where kind = $1 and slot = $2 and owner = $3 and finished_at is null",
+    )
+    .bind(&sweep.kind)
+    .bind(sweep.slot)
+    .bind(owner)
+    .bind(sweep.position)
+    .bind(sweep.planned)
+    .bind(sweep.done)
+    .bind(sweep.failed)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The newest slot the fleet has claimed for a kind of scheduled sweep.
+pub async fn last_slot(pool: &PgPool, kind: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("select max(slot) from sync_sweeps where kind = $1")
+        .bind(kind)
+        .fetch_one(pool)
+        .await
+}
+
+/// Asks for a sweep now (an operator's request); a replica picks it up within seconds.
+pub async fn request_sweep(pool: &PgPool, kind: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+    sqlx::query_scalar(
+        "insert into sync_sweeps (kind, slot) values ($1, date_trunc('milliseconds', now())) \
+         on conflict (kind, slot) do nothing returning slot",
+    )
+    .bind(kind)
+    .fetch_one(pool)
+    .await
+}
+
+/// Claims a requested sweep for this process (the one-shot `syncd sweep`).
+pub async fn claim_requested(
+    pool: &PgPool,
+    kind: &str,
+    slot: DateTime<Utc>,
+    owner: &str,
+    lease: std::time::Duration,
+) -> Result<Option<Sweep>, sqlx::Error> {
+    sqlx::query_as(
+        "update sync_sweeps set owner = $3, lease_until = now() + make_interval(secs => $4) \
+         where kind = $1 and slot = $2 and owner is null and finished_at is null \
+         returning kind, slot, position, planned, done, failed",
+    )
+    .bind(kind)
+    .bind(slot)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}

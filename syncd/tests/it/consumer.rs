@@ -1,0 +1,284 @@
+//! The stream consumer: rate, crashes, shutdown, dead letters, invalid tokens.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use maxsim::SimConfig;
+use shared::keys;
+
+use crate::helpers::{eventually, World};
+
+#[tokio::test]
+async fn two_replicas_together_stay_under_the_rate_and_see_no_429() {
+    let world = World::new(SimConfig {
+        rate_limit: 40,
+        latency_ms: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(240).await;
+    let a = world
+        .replica(&[
+            "--max-api-rps",
+            "40",
+            "--participants-enable-background-sync",
+            "false",
+        ])
+        .await;
+    let b = world
+        .replica(&[
+            "--max-api-rps",
+            "40",
+            "--participants-enable-background-sync",
+            "false",
+        ])
+        .await;
+    // Work for both: stream entries for one half, a full sweep for the other.
+    world.enqueue_lazy(&ids[..120]).await;
+    syncd::store::request_sweep(&world.db, "full")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "every chat refreshed", || async {
+        world.refreshed().await == 240
+    })
+    .await;
+    let stats = world.sim.stats();
+    assert_eq!(stats.rate_limited, 0, "no 429 with the shared limiter");
+    assert!(
+        stats.max_in_window <= 40,
+        "at most 40 calls in any second, saw {}",
+        stats.max_in_window
+    );
+    assert_eq!(stats.calls_per_chat.len(), 240);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_batch_loses_no_refresh() {
+    let world = World::new(SimConfig {
+        rate_limit: 0,
+        latency_ms: 400,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(150).await;
+    world.enqueue_lazy(&ids).await;
+    let mut doomed = world.replica_process(&[
+        "--max-api-rps",
+        "100",
+        "--claim-idle",
+        "1s",
+        "--participants-enable-background-sync",
+        "false",
+    ]);
+    eventually(
+        Duration::from_secs(30),
+        "the doomed replica started calling",
+        || async { world.sim.stats().ok >= 20 },
+    )
+    .await;
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let refreshed_by_the_dead = world.refreshed().await;
+    assert!(
+        refreshed_by_the_dead < 150,
+        "killed before it finished ({refreshed_by_the_dead} done)"
+    );
+    let survivor = world
+        .replica(&[
+            "--max-api-rps",
+            "100",
+            "--claim-idle",
+            "1s",
+            "--participants-enable-background-sync",
+            "false",
+        ])
+        .await;
+    eventually(
+        Duration::from_secs(60),
+        "every enqueued chat refreshed",
+        || async { world.refreshed().await == 150 },
+    )
+    .await;
+    eventually(Duration::from_secs(30), "nothing left pending", || async {
+        world.pending(keys::REFRESH_STREAM_LAZY).await == 0
+    })
+    .await;
+    survivor.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_finishes_or_hands_back_what_is_in_flight() {
+    let world = World::new(SimConfig {
+        rate_limit: 0,
+        latency_ms: 300,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(100).await;
+    world.enqueue_lazy(&ids).await;
+    let mut replica = world.replica_process(&[
+        "--max-api-rps",
+        "50",
+        "--claim-idle",
+        "1s",
+        "--participants-enable-background-sync",
+        "false",
+    ]);
+    eventually(
+        Duration::from_secs(30),
+        "the replica started calling",
+        || async { world.sim.stats().ok >= 10 },
+    )
+    .await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &replica.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || replica.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "exit 0 on SIGTERM, got {exit:?}");
+    let next = world
+        .replica(&[
+            "--max-api-rps",
+            "100",
+            "--claim-idle",
+            "1s",
+            "--participants-enable-background-sync",
+            "false",
+        ])
+        .await;
+    eventually(
+        Duration::from_secs(60),
+        "every chat refreshed after the restart",
+        || async { world.refreshed().await == 100 },
+    )
+    .await;
+    next.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_entries_go_to_the_dead_letter_stream() {
+    let world = World::new(SimConfig::default()).await;
+    let client = world.redis_client().await;
+    let _: String = client
+        .xadd(
+            keys::REFRESH_STREAM_LAZY,
+            false,
+            None::<()>,
+            "*",
+            vec![("chat_id", "not-a-number")],
+        )
+        .await
+        .unwrap();
+    let replica = world
+        .replica(&["--participants-enable-background-sync", "false"])
+        .await;
+    eventually(Duration::from_secs(20), "dead-lettered", || async {
+        client
+            .xlen::<i64, _>(keys::REFRESH_STREAM_DEAD)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    assert_eq!(world.pending(keys::REFRESH_STREAM_LAZY).await, 0);
+    replica.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn entries_that_keep_failing_are_dead_lettered_after_max_deliveries() {
+    let world = World::new(SimConfig {
+        error_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(1).await;
+    world.enqueue_lazy(&ids).await;
+    let replica = world
+        .replica(&[
+            "--claim-idle",
+            "200ms",
+            "--max-deliveries",
+            "2",
+            "--participants-max-retries",
+            "0",
+            "--participants-enable-background-sync",
+            "false",
+        ])
+        .await;
+    let client = world.redis_client().await;
+    eventually(
+        Duration::from_secs(30),
+        "dead-lettered after retries",
+        || async {
+            client
+                .xlen::<i64, _>(keys::REFRESH_STREAM_DEAD)
+                .await
+                .unwrap()
+                == 1
+        },
+    )
+    .await;
+    assert_eq!(world.pending(keys::REFRESH_STREAM_LAZY).await, 0);
+    let calls = world.sim.stats().calls_per_chat.values().sum::<u64>();
+    assert!(
+        (2..=3).contains(&calls),
+        "one call per delivery, saw {calls}"
+    );
+    replica.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_token_stops_the_calls() {
+    let world = World::new(SimConfig {
+        token_valid: false,
+        invalid_token_as_403: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(60).await;
+    world.enqueue_lazy(&ids).await;
+    let replica = world
+        .replica(&["--participants-enable-background-sync", "false"])
+        .await;
+    eventually(Duration::from_secs(20), "the token was tried", || async {
+        world.sim.stats().unauthorized >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = world.sim.stats();
+    assert!(
+        stats.requests <= 3,
+        "calls stop after the token is rejected; saw {}",
+        stats.requests
+    );
+    let health = reqwest::get(format!("http://{}/health", replica.address))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 503);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(body["max_token"], "invalid");
+    let metrics = reqwest::get(format!("http://{}/metrics", replica.address))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("participants_max_token_valid 0"),
+        "{metrics}"
+    );
+    // Nothing was lost: the entries wait in the stream for a valid token.
+    assert_eq!(world.refreshed().await, 0);
+    let client = world.redis_client().await;
+    let status: Option<String> = client
+        .hget(keys::SYNCD_STATUS, keys::status::MAX_TOKEN)
+        .await
+        .unwrap();
+    assert_eq!(status.as_deref(), Some("invalid"));
+    replica.stop().await.unwrap();
+}

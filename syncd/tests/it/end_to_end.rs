@@ -1,0 +1,158 @@
+//! The whole loop: api, Redis stream, syncd, the MAX simulator, and back.
+
+use std::time::Duration;
+
+use clap::Parser;
+use maxsim::SimConfig;
+
+use crate::helpers::{eventually, World};
+
+const JWT_SECRET: &str = "end-to-end-secret-0123456789";
+
+async fn start_api(world: &World) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let cli = api::config::Cli::try_parse_from([
+        "api",
+        "serve",
+        "--jwt-secret",
+        JWT_SECRET,
+        "--database-url",
+        &world.pg.url(),
+        "--redis-url",
+        &world.redis.url(),
+        "--log-format",
+        "text",
+        "--log-level",
+        "warn",
+    ])
+    .unwrap();
+    let api::config::Command::Serve(args) = cli.command else {
+        unreachable!()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(api::run(*args, listener, async move {
+        let _ = rx.await;
+    }));
+    // Wait for the api's circuit to let requests use Redis.
+    eventually(Duration::from_secs(15), "api uses redis", || async {
+        let Ok(response) = reqwest::get(format!("http://{address}/metrics")).await else {
+            return false;
+        };
+        response.text().await.is_ok_and(|page| {
+            page.lines()
+                .any(|line| line == "participants_cache_available 1")
+        })
+    })
+    .await;
+    (address, tx)
+}
+
+fn token() -> String {
+    api::auth::sign(
+        &secrecy::SecretString::from(JWT_SECRET.to_owned()),
+        &api::auth::Claims {
+            sub: "1".into(),
+            role: "super_admin".into(),
+            exp: chrono::Utc::now().timestamp() + 600,
+            university_id: None,
+            branch_id: None,
+            faculty_id: None,
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_hundred_reads_of_one_stale_chat_make_exactly_one_max_call() {
+    let world = World::new(SimConfig {
+        latency_ms: 100,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(1).await;
+    let (api, _stop_api) = start_api(&world).await;
+    let replica = world
+        .replica(&["--participants-enable-background-sync", "false"])
+        .await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{api}/chats/{}", ids[0]);
+    let token = token();
+    let reads = (0..100).map(|_| http.get(&url).bearer_auth(&token).send());
+    for response in futures::future::join_all(reads).await {
+        assert_eq!(response.unwrap().status(), 200);
+    }
+    let expected = world.sim.count_of(World::max_id(1));
+    eventually(
+        Duration::from_secs(20),
+        "the read shows the fresh count",
+        || async {
+            let chat: serde_json::Value = http
+                .get(&url)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            chat["participants_source"] == "cache"
+                && chat["participants_count"] == expected
+                && chat["participants_stale"] == false
+        },
+    )
+    .await;
+    // More reads of the now-fresh chat call nothing.
+    for _ in 0..20 {
+        http.get(&url).bearer_auth(&token).send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        world.sim.stats().calls_per_chat.get(&World::max_id(1)),
+        Some(&1)
+    );
+    replica.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn refresh_and_wait_returns_the_count_max_gave() {
+    let world = World::new(SimConfig {
+        latency_ms: 50,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(1).await;
+    let (api, _stop_api) = start_api(&world).await;
+    let replica = world
+        .replica(&["--participants-enable-background-sync", "false"])
+        .await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{api}/chats/{}/refresh-participants", ids[0]);
+    let token = token();
+    let expected = world.sim.count_of(World::max_id(1));
+    // The first call may race the api's subscription; the count must arrive within a few tries.
+    let mut body = serde_json::Value::Null;
+    for _ in 0..5 {
+        let response = http.post(&url).bearer_auth(&token).send().await.unwrap();
+        let status = response.status();
+        body = response.json().await.unwrap();
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(body["status"], "updated", "{body}");
+    assert_eq!(body["participants_count"], expected);
+    assert_eq!(body["source"], "api");
+    // A second manual refresh asks MAX again.
+    let response = http.post(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let calls = world
+        .sim
+        .stats()
+        .calls_per_chat
+        .get(&World::max_id(1))
+        .copied()
+        .unwrap_or(0);
+    assert!(calls >= 2, "{calls}");
+    replica.stop().await.unwrap();
+}

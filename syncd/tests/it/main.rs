@@ -1,0 +1,7 @@
+//! Integration tests of `syncd` against real Redis and PostgreSQL servers and the workspace's
+//! MAX simulator over HTTP.
+
+mod consumer;
+mod end_to_end;
+mod helpers;
+mod sweeps;
