@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: run test lint fmt deps build
+.PHONY: run test lint fmt deps build bench
 
 CARGO ?= cargo
 
@@ -28,3 +28,7 @@ fmt:
 
 build:
 	$(CARGO) build --workspace --release
+
+## make bench: benchmark tables (each run starts its own servers; release build)
+bench: deps
+	$(CARGO) run --release --quiet -p bench -- sweep --chats 3000 --rps 100 --latency 50ms --runs 3

@@ -1,0 +1,153 @@
+//! `bench`: measured figures, printed as tables. Every run starts its own Redis, Postgres and
+//! MAX simulator on loopback, so the numbers come from this machine, now.
+//!
+//! `bench sweep`: a full sweep against the simulator; reports the duration against the ideal
+//! N / rate, the achieved MAX call rate as a share of the configured one, calls per chat and
+//! 429s.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use maxsim::{SimConfig, Simulator};
+use shared::config::parse_duration;
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "Benchmarks of the participants service, printed as tables"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// A full sweep of N chats at MAX_API_RPS against the simulator with a fixed latency
+    Sweep {
+        #[arg(long, default_value_t = 3000)]
+        chats: i32,
+        #[arg(long, default_value_t = 100.0)]
+        rps: f64,
+        #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+        latency: Duration,
+        #[arg(long, default_value_t = 50)]
+        batch_size: u32,
+        /// Runs, to show the spread; the table has one row per run
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Bench::Sweep {
+            chats,
+            rps,
+            latency,
+            batch_size,
+            runs,
+        } => {
+            println!("| run | chats | MAX_API_RPS | latency | ideal N/rate | measured | ratio | achieved rate | share of rate | calls/chat | 429s | max calls in 1 s |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+            for run in 1..=runs {
+                let row = sweep(chats, rps, latency, batch_size).await?;
+                println!(
+                    "| {run} | {chats} | {rps} | {} ms | {:.2} s | {:.2} s | {:.3}x | {:.1}/s | {:.1}% | {:.2} | {} | {} |",
+                    latency.as_millis(),
+                    row.ideal.as_secs_f64(),
+                    row.measured.as_secs_f64(),
+                    row.measured.as_secs_f64() / row.ideal.as_secs_f64(),
+                    row.achieved_rate,
+                    100.0 * row.achieved_rate / rps,
+                    row.calls_per_chat,
+                    row.rate_limited,
+                    row.max_in_window,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+struct SweepRow {
+    ideal: Duration,
+    measured: Duration,
+    achieved_rate: f64,
+    calls_per_chat: f64,
+    rate_limited: u64,
+    max_in_window: usize,
+}
+
+async fn sweep(
+    chats: i32,
+    rps: f64,
+    latency: Duration,
+    batch_size: u32,
+) -> anyhow::Result<SweepRow> {
+    let pg = testkit::PgServer::start();
+    let redis = testkit::RedisServer::start();
+    let db = sqlx::PgPool::connect(&pg.url()).await?;
+    shared::db::MIGRATOR.run(&db).await?;
+    sqlx::query(
+        "insert into chats (name, url, max_chat_id, source) \
+         select 'chat ' || g, 'u', (-70000000000000 - g)::text, 'admin_panel' from generate_series(1, $1) g",
+    )
+    .bind(chats)
+    .execute(&db)
+    .await?;
+    let limit = rps.floor() as u32;
+    let (simulator, address) = Simulator::spawn(SimConfig {
+        rate_limit: limit,
+        latency_ms: latency.as_millis() as u64,
+        ..SimConfig::default()
+    })
+    .await;
+    let args = syncd::config::Cli::try_parse_from([
+        "syncd".to_owned(),
+        "sweep".to_owned(),
+        "--full".to_owned(),
+        "--database-url".to_owned(),
+        pg.url(),
+        "--redis-url".to_owned(),
+        redis.url(),
+        "--max-api-url".to_owned(),
+        format!("http://{address}"),
+        "--max-api-token".to_owned(),
+        "sim-token".to_owned(),
+        "--max-api-rps".to_owned(),
+        rps.to_string(),
+        "--participants-batch-size".to_owned(),
+        batch_size.to_string(),
+        "--log-level".to_owned(),
+        "warn".to_owned(),
+    ])
+    .context("sweep arguments")?;
+    let syncd::config::Command::Sweep(args) = args.command else {
+        unreachable!()
+    };
+    let started = Instant::now();
+    let summary = syncd::sweep_once(*args, std::future::pending()).await?;
+    let measured = started.elapsed();
+    anyhow::ensure!(
+        summary.finished && summary.done == i64::from(chats),
+        "sweep did not finish: {summary:?}"
+    );
+    let stats = simulator.stats();
+    let refreshed: i64 = sqlx::query_scalar(
+        "select count(*) from chat_participants where participants_updated_at is not null",
+    )
+    .fetch_one(&db)
+    .await?;
+    let calls: u64 = stats.calls_per_chat.values().sum();
+    Ok(SweepRow {
+        ideal: Duration::from_secs_f64(f64::from(chats) / rps),
+        measured,
+        achieved_rate: calls as f64 / measured.as_secs_f64(),
+        calls_per_chat: calls as f64 / refreshed.max(1) as f64,
+        rate_limited: stats.rate_limited,
+        max_in_window: stats.max_in_window,
+    })
+}
