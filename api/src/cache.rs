@@ -27,6 +27,8 @@ const PROBE_INTERVAL_CLOSED: Duration = Duration::from_secs(5);
 /// Redis as the api uses it. `client` is `None` under `DISABLE_REDIS`.
 pub struct Cache {
     client: Option<Client>,
+    /// A second connection for manual refreshes that wait for replicas; see `enqueue_manual`.
+    manual: Option<Client>,
     available: AtomicBool,
     options: Options,
     timeout: Duration,
@@ -40,8 +42,17 @@ pub struct Unavailable;
 
 impl Cache {
     /// Connects in the background; the circuit stays open until the first PING answers.
-    pub fn connect(args: &RedisArgs, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+    pub fn connect(
+        args: &RedisArgs,
+        wait_replicas: u32,
+        metrics: Metrics,
+    ) -> anyhow::Result<Arc<Self>> {
         let client = if args.disable_redis {
+            None
+        } else {
+            Some(shared::redis::connect(args)?)
+        };
+        let manual = if args.disable_redis || wait_replicas == 0 {
             None
         } else {
             Some(shared::redis::connect(args)?)
@@ -49,6 +60,7 @@ impl Cache {
         metrics.cache_available.set(0);
         Ok(Arc::new(Self {
             client,
+            manual,
             available: AtomicBool::new(false),
             options: Options {
                 timeout: Some(args.redis_timeout),
@@ -132,6 +144,67 @@ impl Cache {
             .with_label_values(&[priority.as_str()])
             .inc_by(added);
         Ok(added)
+    }
+
+    /// Enqueues one manual refresh and, when `replicas` > 0, waits until that many Redis
+    /// replicas hold it (`WAIT`), so that a failover cannot lose a request the api is about to
+    /// acknowledge. Both run on a connection of their own: `WAIT` covers the writes of its
+    /// connection and blocks it, which must not hold up the read path. Returns whether enough
+    /// replicas confirmed within the Redis timeout.
+    pub async fn enqueue_manual(
+        &self,
+        chat_id: i32,
+        marker_ttl: Duration,
+        replicas: u32,
+    ) -> Result<bool, Unavailable> {
+        if replicas == 0 {
+            return self
+                .enqueue(Priority::Manual, &[chat_id], marker_ttl)
+                .await
+                .map(|_| true);
+        }
+        self.usable().ok_or(Unavailable)?;
+        let client = self.manual.as_ref().ok_or(Unavailable)?;
+        // The server gives up waiting after the Redis timeout; the client allows for that plus
+        // a round trip.
+        let wait_ms = self.timeout.as_millis().max(1) as i64;
+        let options = Options {
+            timeout: Some(self.timeout * 3),
+            max_attempts: Some(1),
+            ..Options::default()
+        };
+        let operation = async {
+            let added =
+                refresh::enqueue(client, Priority::Manual, &[chat_id], marker_ttl, None).await?;
+            let acked: i64 = client
+                .with_options(&options)
+                .custom(
+                    fred::cmd!("WAIT", blocking: true),
+                    vec![Value::from(i64::from(replicas)), Value::from(wait_ms)],
+                )
+                .await?;
+            Ok::<_, fred::error::Error>((added, acked))
+        };
+        // Failures here do not open the read path's circuit: this connection is its own.
+        match tokio::time::timeout(self.timeout * 4, operation).await {
+            Ok(Ok((added, acked))) => {
+                self.metrics
+                    .refresh_enqueued
+                    .with_label_values(&[Priority::Manual.as_str()])
+                    .inc_by(added);
+                Ok(acked >= i64::from(replicas))
+            }
+            Ok(Err(error)) => {
+                self.metrics.cache_errors.inc();
+                tracing::warn!(error = %error, "could not enqueue a manual refresh");
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.metrics.cache_errors.inc();
+                tracing::warn!("enqueueing a manual refresh timed out");
+                Err(Unavailable)
+            }
+        }
     }
 
     /// syncd's fleet status hash, for `/health/detailed`.

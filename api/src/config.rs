@@ -66,6 +66,13 @@ pub struct ServeArgs {
     #[arg(long, env = "PARTICIPANTS_REFRESH_DEDUP_TTL", default_value = "60s", value_parser = parse_duration)]
     pub participants_refresh_dedup_ttl: Duration,
 
+    /// Redis replicas that must hold a manual refresh request before the api acknowledges it
+    /// (WAIT). Set 1 with Sentinel or any replicated Redis, so that a failover cannot lose an
+    /// acknowledged request; 0 (the default) for a single Redis
+    #[arg(long, env = "REDIS_WAIT_REPLICAS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub redis_wait_replicas: u32,
+
     /// Most time one HTTP request may take before it is answered 503
     #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,

@@ -37,7 +37,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = metrics::Metrics::new();
     let db = shared::db::pool(&args.database)?;
-    let cache = cache::Cache::connect(&args.redis, metrics.clone())?;
+    let cache = cache::Cache::connect(&args.redis, args.redis_wait_replicas, metrics.clone())?;
     let waiters = waiters::RefreshWaiters::new();
     let background = CancellationToken::new();
 
@@ -63,6 +63,7 @@ pub async fn run(
             integration_enabled,
             refresh_wait: args.participants_refresh_wait,
             refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
+            redis_wait_replicas: args.redis_wait_replicas,
             request_timeout: args.request_timeout,
         }),
     };

@@ -29,5 +29,7 @@ pub struct Settings {
     pub integration_enabled: bool,
     pub refresh_wait: Duration,
     pub refresh_dedup_ttl: Duration,
+    /// Replicas that must hold a manual refresh request before it is acknowledged.
+    pub redis_wait_replicas: u32,
     pub request_timeout: Duration,
 }

@@ -437,3 +437,189 @@ fn template_cluster(bin: &Path) -> anyhow::Result<PathBuf> {
     }
     Ok(template)
 }
+
+/// A Redis Cluster of `masters` nodes (no replicas), made with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            output.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let cluster = Self { nodes };
+        let started = Instant::now();
+        while started.elapsed() < START_DEADLINE {
+            if cluster
+                .nodes
+                .iter()
+                .all(|n| redis_cli(n.port(), &["cluster", "info"]).contains("cluster_state:ok"))
+            {
+                return cluster;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        panic!("the cluster did not reach cluster_state:ok");
+    }
+
+    /// `redis-cluster://first?node=second&node=third`, the form fred parses.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port());
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            url.push(if i == 1 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", node.port()));
+        }
+        url
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+}
+
+/// Runs `redis-cli -p port args...` and returns its output.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// One master, one replica and three sentinels watching them as `mymaster`.
+pub struct RedisSentinel {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    sentinels: Vec<(u16, TempDir, Child)>,
+}
+
+/// The service name the sentinels monitor.
+pub const SENTINEL_SERVICE: &str = "mymaster";
+
+impl RedisSentinel {
+    pub fn start() -> Self {
+        let master = RedisServer::start();
+        let replica = RedisServer::start_with(&[]);
+        let reply = redis_cli(
+            replica.port(),
+            &["replicaof", "127.0.0.1", &master.port().to_string()],
+        );
+        assert!(reply.contains("OK"), "replicaof failed: {reply}");
+        let started = Instant::now();
+        while !redis_cli(replica.port(), &["info", "replication"]).contains("master_link_status:up")
+        {
+            assert!(
+                started.elapsed() < START_DEADLINE,
+                "the replica did not sync"
+            );
+            sleep(Duration::from_millis(50));
+        }
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let dir = tempfile::Builder::new().prefix("testkit-sentinel-").tempdir().expect("temp dir");
+                let config = dir.path().join("sentinel.conf");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {} 2\n\
+                         sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n\
+                         sentinel failover-timeout {SENTINEL_SERVICE} 5000\n\
+                         sentinel parallel-syncs {SENTINEL_SERVICE} 1\n",
+                        dir.path().display(),
+                        master.port()
+                    ),
+                )
+                .expect("sentinel config");
+                let child = Command::new("redis-server")
+                    .arg(&config)
+                    .arg("--sentinel")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server --sentinel starts");
+                (port, dir, child)
+            })
+            .collect::<Vec<_>>();
+        let sentinel = Self {
+            master,
+            replica,
+            sentinels,
+        };
+        let started = Instant::now();
+        loop {
+            let ready = sentinel.sentinels.iter().all(|(port, _, _)| {
+                let info = redis_cli(*port, &["sentinel", "master", SENTINEL_SERVICE]);
+                info.contains("num-other-sentinels\n2") && info.contains("num-slaves\n1")
+            });
+            if ready {
+                return sentinel;
+            }
+            assert!(
+                started.elapsed() < START_DEADLINE,
+                "the sentinels did not see each other"
+            );
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `redis-sentinel://first?sentinelServiceName=mymaster&node=second&node=third`.
+    pub fn url(&self) -> String {
+        let mut url = format!(
+            "redis-sentinel://127.0.0.1:{}?sentinelServiceName={SENTINEL_SERVICE}",
+            self.sentinels[0].0
+        );
+        for (port, _, _) in &self.sentinels[1..] {
+            url.push_str(&format!("&node=127.0.0.1:{port}"));
+        }
+        url
+    }
+
+    /// The port the sentinels currently name as master.
+    pub fn master_port(&self) -> Option<u16> {
+        let reply = redis_cli(
+            self.sentinels[0].0,
+            &["sentinel", "get-master-addr-by-name", SENTINEL_SERVICE],
+        );
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|line| line.trim().parse().ok())
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for (_, _, child) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -278,11 +278,21 @@ pub async fn refresh_participants(
     // Any outcome published from now on is at most as old as this request: it comes from a
     // MAX call made either for this request or for one already in flight for the same chat.
     let mut outcomes = state.waiters.subscribe();
-    state
+    let replicated = state
         .cache
-        .enqueue(Priority::Manual, &[chat.id], state.settings.refresh_wait)
+        .enqueue_manual(
+            chat.id,
+            state.settings.refresh_wait,
+            state.settings.redis_wait_replicas,
+        )
         .await
         .map_err(|_| ApiError::RefreshUnavailable("redis is unavailable"))?;
+    if !replicated {
+        // The request is in the stream but could vanish in a failover: do not acknowledge it.
+        return Err(ApiError::RefreshUnavailable(
+            "redis could not replicate the request; retry",
+        ));
+    }
     let wait = async {
         loop {
             match outcomes.recv().await {

@@ -9,22 +9,28 @@ use crate::helpers::{eventually, World};
 
 const JWT_SECRET: &str = "end-to-end-secret-0123456789";
 
-async fn start_api(world: &World) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let cli = api::config::Cli::try_parse_from([
+/// Starts the api against the world's Postgres and Redis, and waits until it uses Redis.
+pub async fn start_api(
+    world: &World,
+    extra: &[&str],
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let database_url = world.pg.url();
+    let mut argv = vec![
         "api",
         "serve",
         "--jwt-secret",
         JWT_SECRET,
         "--database-url",
-        &world.pg.url(),
+        &database_url,
         "--redis-url",
-        &world.redis.url(),
+        &world.redis_url,
         "--log-format",
         "text",
         "--log-level",
         "warn",
-    ])
-    .unwrap();
+    ];
+    argv.extend_from_slice(extra);
+    let cli = api::config::Cli::try_parse_from(argv).unwrap();
     let api::config::Command::Serve(args) = cli.command else {
         unreachable!()
     };
@@ -48,7 +54,7 @@ async fn start_api(world: &World) -> (std::net::SocketAddr, tokio::sync::oneshot
     (address, tx)
 }
 
-fn token() -> String {
+pub fn token() -> String {
     api::auth::sign(
         &secrecy::SecretString::from(JWT_SECRET.to_owned()),
         &api::auth::Claims {
@@ -71,7 +77,7 @@ async fn a_hundred_reads_of_one_stale_chat_make_exactly_one_max_call() {
     })
     .await;
     let ids = world.insert_chats(1).await;
-    let (api, _stop_api) = start_api(&world).await;
+    let (api, _stop_api) = start_api(&world, &[]).await;
     let replica = world
         .replica(&["--participants-enable-background-sync", "false"])
         .await;
@@ -122,7 +128,7 @@ async fn refresh_and_wait_returns_the_count_max_gave() {
     })
     .await;
     let ids = world.insert_chats(1).await;
-    let (api, _stop_api) = start_api(&world).await;
+    let (api, _stop_api) = start_api(&world, &[]).await;
     let replica = world
         .replica(&["--participants-enable-background-sync", "false"])
         .await;

@@ -9,15 +9,23 @@ use fred::prelude::*;
 use maxsim::{SimConfig, Simulator};
 use sqlx::PgPool;
 use syncd::config::{Cli, Command as SyncCommand, RefreshArgs, RunArgs, SweepArgs};
-use testkit::{PgServer, RedisServer};
+use testkit::{PgServer, RedisCluster, RedisSentinel, RedisServer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const TOKEN: &str = "sim-token";
 
+/// Which Redis a world runs on.
+pub enum Redis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+    Sentinel(RedisSentinel),
+}
+
 pub struct World {
     pub pg: PgServer,
-    pub redis: RedisServer,
+    pub redis: Redis,
+    pub redis_url: String,
     pub db: PgPool,
     pub sim: Simulator,
     pub sim_address: SocketAddr,
@@ -53,12 +61,20 @@ impl Drop for Replica {
 
 impl World {
     pub async fn new(sim: SimConfig) -> Self {
+        Self::with_redis(sim, Redis::Single(RedisServer::start())).await
+    }
+
+    pub async fn with_redis(sim: SimConfig, redis: Redis) -> Self {
         let _ = shared::telemetry::init(&shared::config::LogArgs {
             log_format: "text".into(),
             log_level: "warn".into(),
         });
         let pg = PgServer::start();
-        let redis = RedisServer::start();
+        let redis_url = match &redis {
+            Redis::Single(server) => server.url(),
+            Redis::Cluster(cluster) => cluster.url(),
+            Redis::Sentinel(sentinel) => sentinel.url(),
+        };
         let db = PgPool::connect(&pg.url()).await.expect("postgres connects");
         shared::db::MIGRATOR
             .run(&db)
@@ -68,6 +84,7 @@ impl World {
         Self {
             pg,
             redis,
+            redis_url,
             db,
             sim,
             sim_address,
@@ -80,7 +97,7 @@ impl World {
             "--database-url",
             &self.pg.url(),
             "--redis-url",
-            &self.redis.url(),
+            &self.redis_url,
             "--max-api-url",
             &format!("http://{}", self.sim_address),
             "--max-api-token",
@@ -184,12 +201,7 @@ impl World {
     }
 
     pub async fn redis_client(&self) -> Client {
-        let client = Client::new(
-            Config::from_url(&self.redis.url()).unwrap(),
-            None,
-            None,
-            None,
-        );
+        let client = Client::new(Config::from_url(&self.redis_url).unwrap(), None, None, None);
         client.init().await.unwrap();
         client
     }
