@@ -27,6 +27,8 @@ pub enum Command {
     Sweep(Box<SweepArgs>),
     /// Refresh the named chats (chats.id) now and print the results
     Refresh(Box<RefreshArgs>),
+    /// Print the fleet's state: streams, dead letters, replicas, last sweeps, freshness
+    Status(Box<StatusArgs>),
 }
 
 /// What every subcommand needs to refresh counts.
@@ -186,6 +188,29 @@ pub struct RefreshArgs {
     /// chats.id values (not MAX ids)
     #[arg(required = true, num_args = 1..)]
     pub chat_ids: Vec<i32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub freshness: FreshnessArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl StatusArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        self.freshness.validate()?;
+        shared::db::connect_options(&self.database).map_err(|e| e.to_string())?;
+        shared::redis::validate_url(&self.redis).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]

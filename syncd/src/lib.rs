@@ -16,6 +16,7 @@ pub mod limiter;
 pub mod max;
 pub mod metrics;
 pub mod refresher;
+pub mod report;
 pub mod status;
 pub mod store;
 pub mod sweep;
@@ -135,6 +136,7 @@ pub async fn run(
     tracker.spawn(consumer.run(cancel.clone()));
     let sweeper = Sweeper {
         db: parts.db.clone(),
+        redis: parts.redis.clone(),
         refresher: parts.refresher.clone(),
         metrics: parts.metrics.clone(),
         owner: name.clone(),
@@ -191,6 +193,7 @@ pub async fn sweep_once(
         .context("the sweep was taken by a running syncd")?;
     let sweeper = Sweeper {
         db: parts.db.clone(),
+        redis: parts.redis.clone(),
         refresher: parts.refresher.clone(),
         metrics: parts.metrics.clone(),
         owner,

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Command::Run(args) => (args.validate(), &args.sync.log),
         Command::Sweep(args) => (args.sync.validate(), &args.sync.log),
         Command::Refresh(args) => (args.sync.validate(), &args.sync.log),
+        Command::Status(args) => (args.validate(), &args.log),
     };
     if let Err(message) = validation.and_then(|()| shared::telemetry::init(log)) {
         eprintln!("syncd: invalid configuration: {message}");
@@ -69,6 +70,10 @@ fn main() -> ExitCode {
                 for line in syncd::refresh_once(*args).await? {
                     println!("{line}");
                 }
+                Ok(())
+            }
+            Command::Status(args) => {
+                print!("{}", syncd::report::status(&args).await?);
                 Ok(())
             }
         }

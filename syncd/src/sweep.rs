@@ -80,6 +80,7 @@ pub enum Progress {
 
 pub struct Sweeper {
     pub db: PgPool,
+    pub redis: fred::prelude::Client,
     pub refresher: Refresher,
     pub metrics: Metrics,
     pub owner: String,
@@ -144,6 +145,14 @@ impl Sweeper {
         started: DateTime<Utc>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
+        // An operator's request through the api: the replica that takes it records the sweep.
+        let requested: Result<Option<i64>, _> =
+            fred::prelude::KeysInterface::getdel(&self.redis, shared::keys::FULL_SWEEP_REQUEST)
+                .await;
+        if let Ok(Some(_)) = requested {
+            let slot = store::request_sweep(&self.db, SweepKind::Full.as_str()).await?;
+            tracing::info!(%slot, "full sweep requested by an operator");
+        }
         // Sweeps an operator asked for, or that a stopped replica left unfinished.
         while !cancel.is_cancelled() {
             let Some(sweep) = store::take_over_orphan(&self.db, &self.owner, LEASE).await? else {

@@ -16,6 +16,8 @@ use crate::state::AppState;
         super::chats::list_chats,
         super::chats::get_chat,
         super::chats::refresh_participants,
+        super::admin::schedule_full_update,
+        super::admin::validate_participants,
         super::health::health,
         super::health::health_detailed,
         super::health::health_redis,
@@ -23,7 +25,7 @@ use crate::state::AppState;
         openapi_json,
     ),
     modifiers(&BearerAuth),
-    tags((name = "chats"), (name = "health"), (name = "meta"))
+    tags((name = "chats"), (name = "admin"), (name = "health"), (name = "meta"))
 )]
 pub struct ApiDoc;
 

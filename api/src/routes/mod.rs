@@ -12,6 +12,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub mod admin;
 pub mod chats;
 pub mod docs;
 pub mod health;
@@ -24,6 +25,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/chats/{id}/refresh-participants",
             post(chats::refresh_participants),
+        )
+        .route(
+            "/admin/participants/full-update",
+            post(admin::schedule_full_update),
+        )
+        .route(
+            "/admin/participants/validate",
+            get(admin::validate_participants),
         )
         .route("/health", get(health::health))
         .route("/health/detailed", get(health::health_detailed))

@@ -1,6 +1,7 @@
 //! Integration tests of the `api` binary against real Redis and PostgreSQL servers that each
 //! test starts on free ports (see the `testkit` crate).
 
+mod admin;
 mod auth;
 mod faults;
 mod helpers;

@@ -162,3 +162,71 @@ async fn refresh_and_wait_returns_the_count_max_gave() {
     assert!(calls >= 2, "{calls}");
     replica.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_operator_can_start_a_full_sweep_and_read_the_status() {
+    let world = World::new(SimConfig {
+        rate_limit: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    world.insert_chats(40).await;
+    let (api, _stop_api) = start_api(&world, &[]).await;
+    let replica = world.replica(&["--max-api-rps", "200"]).await;
+    let response = reqwest::Client::new()
+        .post(format!("http://{api}/admin/participants/full-update"))
+        .bearer_auth(token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    eventually(
+        Duration::from_secs(30),
+        "the requested full sweep finished",
+        || async {
+            let finished: i64 = sqlx::query_scalar(
+                "select count(*) from sync_sweeps where kind = 'full' and finished_at is not null",
+            )
+            .fetch_one(&world.db)
+            .await
+            .unwrap();
+            finished == 1
+        },
+    )
+    .await;
+    assert_eq!(world.refreshed().await, 40);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_syncd"))
+        .arg("status")
+        .args([
+            "--database-url",
+            &world.pg.url(),
+            "--redis-url",
+            &world.redis_url,
+            "--log-level",
+            "warn",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "{participants:refresh}:lazy",
+        "dead letters",
+        "REPLICA",
+        "MAX token: valid",
+        "full",
+        "40/40",
+        "100.0%",
+        "fresh (< 1/4 threshold)",
+    ] {
+        assert!(
+            text.contains(expected),
+            "`{expected}` missing from:\n{text}"
+        );
+    }
+    replica.stop().await.unwrap();
+}

@@ -1,0 +1,187 @@
+//! `syncd status`: the fleet's state as tables, read from Redis and Postgres.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use chrono::{DateTime, TimeZone, Utc};
+use fred::prelude::*;
+use shared::keys::{self, status};
+
+use crate::config::StatusArgs;
+
+/// Renders the status report.
+pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
+    let db = shared::db::pool(&args.database)?;
+    let redis = shared::redis::connect(&args.redis)?;
+    redis
+        .wait_for_connect()
+        .await
+        .context("cannot reach Redis (REDIS_URL)")?;
+    let mut out = String::new();
+
+    writeln!(
+        out,
+        "STREAM                              LENGTH   PENDING  LAG"
+    )?;
+    for stream in [
+        keys::REFRESH_STREAM_MANUAL,
+        keys::REFRESH_STREAM_LAZY,
+        keys::REFRESH_STREAM_DEAD,
+    ] {
+        let length: i64 = redis.xlen(stream).await.unwrap_or(0);
+        let (pending, lag) = group_info(&redis, stream).await;
+        let name = if stream == keys::REFRESH_STREAM_DEAD {
+            format!("{stream} (dead letters)")
+        } else {
+            stream.to_owned()
+        };
+        writeln!(
+            out,
+            "{name:<35} {length:>7}  {:>7}  {:>7}",
+            show(pending),
+            show(lag)
+        )?;
+    }
+
+    let fields: HashMap<String, String> =
+        redis.hgetall(keys::SYNCD_STATUS).await.unwrap_or_default();
+    let now = Utc::now();
+    writeln!(out, "\nREPLICA                             LAST HEARTBEAT")?;
+    let mut beats: Vec<(&String, DateTime<Utc>)> = fields
+        .iter()
+        .filter(|(name, _)| name.starts_with(status::HEARTBEAT_PREFIX))
+        .filter_map(|(name, value)| Some((name, millis(value)?)))
+        .collect();
+    beats.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+    if beats.is_empty() {
+        writeln!(out, "(none)")?;
+    }
+    for (name, at) in beats {
+        let replica = name.trim_start_matches(status::HEARTBEAT_PREFIX);
+        writeln!(out, "{replica:<35} {} s ago", (now - at).num_seconds())?;
+    }
+    writeln!(
+        out,
+        "\nMAX token: {}   last success: {}   last error: {} {}",
+        fields
+            .get(status::MAX_TOKEN)
+            .map(String::as_str)
+            .unwrap_or("unknown"),
+        fields
+            .get(status::MAX_LAST_SUCCESS_AT)
+            .and_then(|v| millis(v))
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "-".into()),
+        fields
+            .get(status::MAX_LAST_ERROR)
+            .map(String::as_str)
+            .unwrap_or("-"),
+        fields
+            .get(status::MAX_LAST_ERROR_AT)
+            .and_then(|v| millis(v))
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+    )?;
+
+    writeln!(out, "\nSWEEP  SLOT                       STARTED                    FINISHED                   DONE/PLANNED    FAILED  COVERAGE")?;
+    let sweeps: Vec<(String, DateTime<Utc>, DateTime<Utc>, Option<DateTime<Utc>>, i32, Option<i32>, i32, Option<String>)> =
+        sqlx::query_as(
+            "select kind, slot, started_at, finished_at, done, planned, failed, owner from sync_sweeps \
+             order by slot desc limit 8",
+        )
+        .fetch_all(&db)
+        .await
+        .context("cannot read sync_sweeps (DATABASE_URL)")?;
+    if sweeps.is_empty() {
+        writeln!(out, "(none yet)")?;
+    }
+    for (kind, slot, started, finished, done, planned, failed, owner) in sweeps {
+        let planned = planned.unwrap_or(0);
+        let coverage = if planned > 0 {
+            format!(
+                "{:.1}%",
+                100.0 * f64::from(done - failed) / f64::from(planned)
+            )
+        } else {
+            "-".into()
+        };
+        let finished = match (finished, owner) {
+            (Some(at), _) => at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            (None, Some(owner)) => format!("running on {owner}"),
+            (None, None) => "waiting".to_owned(),
+        };
+        writeln!(
+            out,
+            "{kind:<6} {:<26} {:<26} {finished:<26} {:>6}/{:<8} {failed:>6}  {coverage}",
+            slot.format("%Y-%m-%d %H:%M:%S"),
+            started.format("%Y-%m-%d %H:%M:%S"),
+            done,
+            planned
+        )?;
+    }
+
+    let stale_s = args.freshness.participants_stale_threshold.as_secs_f64();
+    let freshness: Vec<(String, i64)> = sqlx::query_as(
+        "select bucket, count(*) from ( \
+           select case \
+             when c.max_chat_id is null or p.sync_status = 'invalid_id' then '6 no usable MAX id' \
+             when p.sync_status is not null and p.sync_status <> 'active' then '5 gone (' || p.sync_status || ')' \
+             when p.participants_updated_at is null then '4 never refreshed' \
+             when now() - p.participants_updated_at <= make_interval(secs => $1 / 4) then '0 fresh (< 1/4 threshold)' \
+             when now() - p.participants_updated_at <= make_interval(secs => $1) then '1 fresh (< threshold)' \
+             when now() - p.participants_updated_at <= make_interval(secs => $1 * 24) then '2 stale (< 24x threshold)' \
+             else '3 stale (older)' end as bucket \
+           from chats c left join chat_participants p on p.chat_id = c.id) b \
+         group by bucket order by bucket",
+    )
+    .bind(stale_s)
+    .fetch_all(&db)
+    .await?;
+    let total: i64 = freshness.iter().map(|(_, n)| n).sum();
+    writeln!(
+        out,
+        "\nFRESHNESS (threshold {}s)              CHATS   SHARE",
+        stale_s as u64
+    )?;
+    for (bucket, n) in freshness {
+        let share = if total > 0 {
+            100.0 * n as f64 / total as f64
+        } else {
+            0.0
+        };
+        writeln!(out, "{:<38} {n:>6}  {share:>5.1}%", &bucket[2..])?;
+    }
+    writeln!(out, "{:<38} {total:>6}", "total")?;
+    db.close().await;
+    Ok(out)
+}
+
+fn show(value: Option<i64>) -> String {
+    value
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+fn millis(text: &str) -> Option<DateTime<Utc>> {
+    text.parse::<i64>()
+        .ok()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+}
+
+/// Pending and lag of the `syncd` group on a stream, if the group exists.
+async fn group_info(redis: &Client, stream: &str) -> (Option<i64>, Option<i64>) {
+    let Ok(Value::Array(groups)) = redis.xinfo_groups::<Value, _>(stream).await else {
+        return (None, None);
+    };
+    for group in groups {
+        let Ok(info) = group.convert::<HashMap<String, Value>>() else {
+            continue;
+        };
+        if info.get("name").and_then(Value::as_string).as_deref() == Some(keys::REFRESH_GROUP) {
+            let get = |name: &str| info.get(name).and_then(|v| v.clone().convert::<i64>().ok());
+            return (get("pending"), get("lag"));
+        }
+    }
+    (None, None)
+}
