@@ -85,18 +85,27 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     )?;
 
     writeln!(out, "\nSWEEP  SLOT                       STARTED                    FINISHED                   DONE/PLANNED    FAILED  COVERAGE")?;
-    let sweeps: Vec<(String, DateTime<Utc>, DateTime<Utc>, Option<DateTime<Utc>>, i32, Option<i32>, i32, Option<String>)> =
-        sqlx::query_as(
-            "select kind, slot, started_at, finished_at, done, planned, failed, owner from sync_sweeps \
-             order by slot desc limit 8",
-        )
-        .fetch_all(&db)
-        .await
-        .context("cannot read sync_sweeps (DATABASE_URL)")?;
+    let sweeps: Vec<SweepRow> = sqlx::query_as(
+        "select kind, slot, started_at, finished_at, done, planned, failed, owner from sync_sweeps \
+         order by slot desc limit 8",
+    )
+    .fetch_all(&db)
+    .await
+    .context("cannot read sync_sweeps (DATABASE_URL)")?;
     if sweeps.is_empty() {
         writeln!(out, "(none yet)")?;
     }
-    for (kind, slot, started, finished, done, planned, failed, owner) in sweeps {
+    for SweepRow {
+        kind,
+        slot,
+        started_at: started,
+        finished_at: finished,
+        done,
+        planned,
+        failed,
+        owner,
+    } in sweeps
+    {
         let planned = planned.unwrap_or(0);
         let coverage = if planned > 0 {
             format!(
@@ -155,6 +164,18 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     writeln!(out, "{:<38} {total:>6}", "total")?;
     db.close().await;
     Ok(out)
+}
+
+#[derive(sqlx::FromRow)]
+struct SweepRow {
+    kind: String,
+    slot: DateTime<Utc>,
+    started_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+    done: i32,
+    planned: Option<i32>,
+    failed: i32,
+    owner: Option<String>,
 }
 
 fn show(value: Option<i64>) -> String {
