@@ -10,13 +10,17 @@ deps:
 run: deps
 	@scripts/run-local.sh
 
-## make test: the whole suite against real Redis and Postgres servers the tests start themselves
+## make test: the whole suite against real Redis and Postgres servers the tests start
+## themselves, schemathesis against the live api, and the validators of the ops artefacts
 test: deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
+		$(CARGO) nextest run --workspace --no-fail-fast && \
+		$(CARGO) nextest run --workspace --run-ignored only --no-fail-fast; \
 	else \
-		$(CARGO) test --workspace --no-fail-fast; \
+		$(CARGO) test --workspace --no-fail-fast && \
+		$(CARGO) test --workspace --no-fail-fast -- --ignored; \
 	fi
+	@scripts/check-ops.sh
 
 ## make lint: formatting and clippy, warnings are errors
 lint:

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Installs what the tests and `make run` need from the system's packages, where missing:
-# redis-server and the PostgreSQL server. Runs `apt-get update` at most once.
+# Installs what the tests and `make run` need, where missing:
+#   from the system's packages: redis-server, the PostgreSQL server, promtool (prometheus) and
+#   docker-compose (to validate compose.yaml; no engine is needed);
+#   from PyPI, into target/ops-venv: kubernetes-validate and schemathesis.
+# Runs `apt-get update` at most once, and only when something is missing.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -9,25 +13,37 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     missing+=(postgresql)
 fi
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 
-if [ ${#missing[@]} -eq 0 ]; then
-    exit 0
-fi
-
-echo "ensure-deps: installing ${missing[*]} from the system's packages" >&2
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then
-        sudo="sudo"
-    else
-        echo "ensure-deps: ${missing[*]} missing and not running as root; install them with your package manager" >&2
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "ensure-deps: installing ${missing[*]} from the system's packages" >&2
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo="sudo"
+        else
+            echo "ensure-deps: ${missing[*]} missing and not running as root; install them with your package manager" >&2
+            exit 1
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "ensure-deps: no apt-get here; install ${missing[*]} with your package manager" >&2
         exit 1
     fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "ensure-deps: no apt-get here; install ${missing[*]} with your package manager" >&2
-    exit 1
+
+# Python tools, pinned, in a venv of the project's own.
+venv=target/ops-venv
+want="kubernetes-validate==1.37.0 schemathesis==4.32.5"
+if [ ! -x "$venv/bin/schemathesis" ] || [ ! -x "$venv/bin/kubernetes-validate" ] || [ "$(cat "$venv/.pinned" 2>/dev/null)" != "$want" ]; then
+    echo "ensure-deps: installing $want into $venv" >&2
+    rm -rf "$venv"
+    mkdir -p target
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check $want
+    echo "$want" > "$venv/.pinned"
 fi
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server postgresql >/dev/null
-echo "ensure-deps: done" >&2

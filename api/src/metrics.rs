@@ -119,6 +119,12 @@ impl Metrics {
         registry
             .register(Box::new(http_duration.clone()))
             .expect("metric registers once");
+        for priority in ["lazy", "manual"] {
+            refresh_enqueued.with_label_values(&[priority]);
+        }
+        for outcome in ["updated", "queued"] {
+            refresh_waits.with_label_values(&[outcome]);
+        }
         Self {
             registry,
             cache_hits,

@@ -110,6 +110,46 @@ impl Metrics {
             ),
             registry: r,
         }
+        .with_known_series()
+    }
+
+    /// Creates every labelled series at zero, so that dashboards and `rate()` see them before
+    /// the first event (a counter that appears at 1 hides its first increase).
+    fn with_known_series(self) -> Self {
+        for result in ["ok", "error"] {
+            self.max_requests.with_label_values(&[result]);
+        }
+        for kind in [
+            "rate_limited",
+            "timeout",
+            "connection",
+            "server_error",
+            "invalid_token",
+            "forbidden",
+            "not_found",
+            "unexpected",
+        ] {
+            self.max_errors.with_label_values(&[kind]);
+        }
+        for outcome in ["acked", "retried", "dead_lettered"] {
+            self.stream_entries.with_label_values(&[outcome]);
+        }
+        for stream in [
+            shared::keys::REFRESH_STREAM_MANUAL,
+            shared::keys::REFRESH_STREAM_LAZY,
+        ] {
+            self.stream_length.with_label_values(&[stream]);
+            self.stream_pending.with_label_values(&[stream]);
+            self.stream_lag.with_label_values(&[stream]);
+        }
+        for kind in ["stale", "full"] {
+            self.sweep_done.with_label_values(&[kind]);
+            self.sweep_planned.with_label_values(&[kind]);
+            for result in ["finished", "lost", "token_invalid"] {
+                self.sweeps.with_label_values(&[kind, result]);
+            }
+        }
+        self
     }
 
     pub fn render(&self) -> String {

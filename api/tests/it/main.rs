@@ -9,3 +9,4 @@ mod lazy;
 mod list;
 mod meta;
 mod migrations;
+mod schemathesis;

@@ -4,5 +4,6 @@
 mod consumer;
 mod end_to_end;
 mod helpers;
+mod ops;
 mod scale_out;
 mod sweeps;
