@@ -131,12 +131,13 @@ impl Cache {
         priority: Priority,
         chat_ids: &[i32],
         marker_ttl: Duration,
+        traceparent: Option<&str>,
     ) -> Result<u64, Unavailable> {
         let client = self.usable().ok_or(Unavailable)?;
         let added = self
             .call(
                 "enqueue refresh",
-                refresh::enqueue(client, priority, chat_ids, marker_ttl, None),
+                refresh::enqueue(client, priority, chat_ids, marker_ttl, traceparent),
             )
             .await?;
         self.metrics
@@ -156,10 +157,11 @@ impl Cache {
         chat_id: i32,
         marker_ttl: Duration,
         replicas: u32,
+        traceparent: Option<&str>,
     ) -> Result<bool, Unavailable> {
         if replicas == 0 {
             return self
-                .enqueue(Priority::Manual, &[chat_id], marker_ttl)
+                .enqueue(Priority::Manual, &[chat_id], marker_ttl, traceparent)
                 .await
                 .map(|_| true);
         }
@@ -174,8 +176,14 @@ impl Cache {
             ..Options::default()
         };
         let operation = async {
-            let added =
-                refresh::enqueue(client, Priority::Manual, &[chat_id], marker_ttl, None).await?;
+            let added = refresh::enqueue(
+                client,
+                Priority::Manual,
+                &[chat_id],
+                marker_ttl,
+                traceparent,
+            )
+            .await?;
             let acked: i64 = client
                 .with_options(&options)
                 .custom(

@@ -27,10 +27,13 @@ fn main() -> ExitCode {
                 eprintln!("api: invalid configuration: {message}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            if let Err(message) = shared::telemetry::init(&args.log) {
-                eprintln!("api: invalid configuration: {message}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
+            let _telemetry = match shared::telemetry::init(&args.log, "participants-api") {
+                Ok(telemetry) => telemetry,
+                Err(message) => {
+                    eprintln!("api: invalid configuration: {message}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             runtime().and_then(|rt| {
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::bind(args.listen_addr)
@@ -43,14 +46,16 @@ fn main() -> ExitCode {
             })
         }
         Command::Migrate(args) => {
-            if let Err(message) = shared::db::connect_options(&args.database)
-                .map(|_| ())
+            let telemetry = shared::db::connect_options(&args.database)
                 .map_err(|e| e.to_string())
-                .and_then(|()| shared::telemetry::init(&args.log))
-            {
-                eprintln!("api: invalid configuration: {message}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
+                .and_then(|_| shared::telemetry::init(&args.log, "participants-api"));
+            let _telemetry = match telemetry {
+                Ok(telemetry) => telemetry,
+                Err(message) => {
+                    eprintln!("api: invalid configuration: {message}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             runtime().and_then(|rt| rt.block_on(api::migrate(&args.database)))
         }
         Command::Token(args) => {

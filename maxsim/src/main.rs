@@ -44,10 +44,14 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _ = shared::telemetry::init(&shared::config::LogArgs {
-        log_format: "text".into(),
-        log_level: "info".into(),
-    });
+    let _telemetry = shared::telemetry::init(
+        &shared::config::LogArgs {
+            log_format: "text".into(),
+            log_level: "info".into(),
+            otel_exporter_otlp_endpoint: None,
+        },
+        "maxsim",
+    );
     let simulator = Simulator::new(SimConfig {
         token: cli.token,
         rate_limit: cli.rate_limit,

@@ -127,6 +127,11 @@ pub struct LogArgs {
     /// Log filter in the tracing EnvFilter syntax, e.g. info or api=debug,sqlx=warn
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// OTLP/HTTP collector base URL (e.g. http://otel-collector:4318): spans are exported to
+    /// <url>/v1/traces as JSON. Unset or empty: no export
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
 }
 
 #[cfg(test)]

@@ -323,7 +323,12 @@ impl Consumer {
                 // Someone refreshed it after this was asked: no MAX call needed.
                 settled.insert(*chat_id, Some(outcome_of(target, None)));
             } else {
-                to_refresh.push(target.clone());
+                let mut target = target.clone();
+                target.traceparent = requests
+                    .iter()
+                    .find(|(_, r)| r.chat_id == *chat_id && r.traceparent.is_some())
+                    .and_then(|(_, r)| r.traceparent.clone());
+                to_refresh.push(target);
             }
         }
 

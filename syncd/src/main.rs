@@ -27,10 +27,14 @@ fn main() -> ExitCode {
         Command::Refresh(args) => (args.sync.validate(), &args.sync.log),
         Command::Status(args) => (args.validate(), &args.log),
     };
-    if let Err(message) = validation.and_then(|()| shared::telemetry::init(log)) {
-        eprintln!("syncd: invalid configuration: {message}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    let _telemetry =
+        match validation.and_then(|()| shared::telemetry::init(log, "participants-syncd")) {
+            Ok(telemetry) => telemetry,
+            Err(message) => {
+                eprintln!("syncd: invalid configuration: {message}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

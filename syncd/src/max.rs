@@ -88,19 +88,20 @@ impl MaxClient {
 
     /// `GET /chats/{chatId}` with the raw token in `Authorization`.
     pub async fn get_chat(&self, chat_id: MaxChatId) -> Result<MaxChat, MaxError> {
-        let response = self
+        let mut request = self
             .http
             .get(format!("{}/chats/{chat_id}", self.base_url))
-            .header(reqwest::header::AUTHORIZATION, self.token.expose_secret())
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    MaxError::Transient("timeout")
-                } else {
-                    MaxError::Transient("connection")
-                }
-            })?;
+            .header(reqwest::header::AUTHORIZATION, self.token.expose_secret());
+        if let Some(traceparent) = shared::telemetry::current_traceparent() {
+            request = request.header("traceparent", traceparent);
+        }
+        let response = request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                MaxError::Transient("timeout")
+            } else {
+                MaxError::Transient("connection")
+            }
+        })?;
         let status = response.status();
         if status.is_success() {
             return response.json::<MaxChat>().await.map_err(|e| {

@@ -13,6 +13,7 @@ use shared::counts::{self, CachedCount};
 use shared::ids::MaxChatId;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::limiter::{Limiter, Urgency};
 use crate::max::{MaxChat, MaxClient, MaxError};
@@ -146,7 +147,12 @@ impl Refresher {
                         asked_at: Utc::now(),
                     }
                 } else {
-                    self.refresh_one(&target, urgency).await
+                    // A refresh someone asked for continues that request's trace.
+                    let span = tracing::info_span!("refresh_chat", chat.id = target.chat_id, urgency = ?urgency);
+                    if let Some(traceparent) = &target.traceparent {
+                        shared::telemetry::set_remote_parent(&span, traceparent);
+                    }
+                    self.refresh_one(&target, urgency).instrument(span).await
                 };
                 (target.chat_id, outcome)
             })
@@ -272,7 +278,8 @@ impl Refresher {
             }
             let asked_at = Utc::now();
             let started = Instant::now();
-            let result = inner.max.get_chat(chat_id).await;
+            let span = tracing::info_span!("max.get_chat", otel.kind = "client", max.chat_id = %chat_id, attempt);
+            let result = inner.max.get_chat(chat_id).instrument(span).await;
             inner
                 .metrics
                 .update_duration

@@ -13,6 +13,9 @@ pub struct Target {
     pub participants_updated_at: Option<DateTime<Utc>>,
     pub sync_status: Option<String>,
     pub checked_at: Option<DateTime<Utc>>,
+    /// The trace of the request that asked for this refresh, if any (not a column).
+    #[sqlx(skip)]
+    pub traceparent: Option<String>,
 }
 
 impl Target {

@@ -143,9 +143,12 @@ async fn present(state: &AppState, rows: Vec<ChatRow>) -> Vec<ChatView> {
         let cache = state.cache.clone();
         let ttl = settings.refresh_dedup_ttl;
         let ids = enriched.to_refresh;
+        let traceparent = shared::telemetry::current_traceparent();
         tokio::spawn(async move {
             // A failure trips the circuit and is counted there; the next read enqueues again.
-            let _ = cache.enqueue(Priority::Lazy, &ids, ttl).await;
+            let _ = cache
+                .enqueue(Priority::Lazy, &ids, ttl, traceparent.as_deref())
+                .await;
         });
     }
     enriched.chats
@@ -284,6 +287,7 @@ pub async fn refresh_participants(
             chat.id,
             state.settings.refresh_wait,
             state.settings.redis_wait_replicas,
+            shared::telemetry::current_traceparent().as_deref(),
         )
         .await
         .map_err(|_| ApiError::RefreshUnavailable("redis is unavailable"))?;

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -66,11 +67,21 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .map(|path| path.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().clone();
-    let response =
-        match tokio::time::timeout(state.settings.request_timeout, next.run(request)).await {
-            Ok(response) => response,
-            Err(_) => ApiError::Timeout.into_response(),
-        };
+    // The request's span continues the caller's trace when it sent a `traceparent`; the trace
+    // then goes on through the refresh stream into syncd's MAX call.
+    let span = tracing::info_span!("http.request", otel.kind = "server", http.method = %method, http.route = %route);
+    if let Some(traceparent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        shared::telemetry::set_remote_parent(&span, traceparent);
+    }
+    let handled = next.run(request).instrument(span);
+    let response = match tokio::time::timeout(state.settings.request_timeout, handled).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    };
     let elapsed = started.elapsed();
     let status = response.status();
     state

@@ -60,10 +60,14 @@ impl TestApp {
 
     /// Like `spawn`, with settings changed by `configure` before the api starts.
     pub async fn spawn_with(configure: impl FnOnce(&mut ServeArgs)) -> Self {
-        let _ = shared::telemetry::init(&shared::config::LogArgs {
-            log_format: "text".into(),
-            log_level: "warn".into(),
-        });
+        let _ = shared::telemetry::init(
+            &shared::config::LogArgs {
+                log_format: "text".into(),
+                log_level: "warn".into(),
+                otel_exporter_otlp_endpoint: None,
+            },
+            "test",
+        );
         let pg = PgServer::start();
         let redis = RedisServer::start();
         let mut args = serve_args(&pg, &redis.url());

@@ -65,10 +65,14 @@ impl World {
     }
 
     pub async fn with_redis(sim: SimConfig, redis: Redis) -> Self {
-        let _ = shared::telemetry::init(&shared::config::LogArgs {
-            log_format: "text".into(),
-            log_level: "warn".into(),
-        });
+        let _ = shared::telemetry::init(
+            &shared::config::LogArgs {
+                log_format: "text".into(),
+                log_level: "warn".into(),
+                otel_exporter_otlp_endpoint: None,
+            },
+            "test",
+        );
         let pg = PgServer::start();
         let redis_url = match &redis {
             Redis::Single(server) => server.url(),

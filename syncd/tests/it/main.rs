@@ -7,3 +7,4 @@ mod helpers;
 mod ops;
 mod scale_out;
 mod sweeps;
+mod tracing;
