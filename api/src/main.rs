@@ -4,22 +4,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use api::config::{Cli, Command};
-use clap::Parser;
-
-/// Exit code for a configuration error (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+use shared::config::{parse_or_exit, EXIT_CONFIG};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match parse_or_exit() {
         Ok(cli) => cli,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     let result = match cli.command {
         Command::Serve(args) => {

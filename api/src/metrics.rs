@@ -1,8 +1,7 @@
 //! Prometheus metrics of the `api` process. Names follow the seeds (`participants_*`).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -143,11 +142,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut buffer = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
-            .expect("text encoding of gathered metrics does not fail");
-        String::from_utf8(buffer).expect("the text format is UTF-8")
+        shared::metrics::render(&self.registry)
     }
 }
 

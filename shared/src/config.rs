@@ -6,6 +6,22 @@ use std::time::Duration;
 use clap::Args;
 use secrecy::SecretString;
 
+/// Exit code for a configuration error (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Parses the command line, or says why not: `--help` and `--version` print and exit 0, a bad
+/// flag or value prints clap's message (which names it) and exits `EXIT_CONFIG`.
+pub fn parse_or_exit<P: clap::Parser>() -> Result<P, std::process::ExitCode> {
+    P::try_parse().map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() {
+            std::process::ExitCode::from(EXIT_CONFIG)
+        } else {
+            std::process::ExitCode::SUCCESS
+        }
+    })
+}
+
 /// Parses a duration the way the seeds wrote them: a bare number is seconds (`3600`), otherwise a
 /// number with one unit suffix: `ms`, `s`, `m`, `h` or `d` (`250ms`, `90s`, `15m`, `1h`, `7d`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

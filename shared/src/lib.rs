@@ -8,6 +8,7 @@ pub mod counts;
 pub mod db;
 pub mod ids;
 pub mod keys;
+pub mod metrics;
 pub mod redis;
 pub mod refresh;
 pub mod shutdown;

@@ -3,23 +3,13 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use shared::config::{parse_or_exit, EXIT_CONFIG};
 use syncd::config::{Cli, Command};
 
-/// Exit code for a configuration error (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
-
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match parse_or_exit() {
         Ok(cli) => cli,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     let (validation, log) = match &cli.command {
         Command::Run(args) => (args.validate(), &args.sync.log),

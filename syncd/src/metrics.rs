@@ -1,8 +1,7 @@
 //! Prometheus metrics of the `syncd` process. Names follow the seeds (`participants_*`).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -153,11 +152,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buffer = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
-            .expect("text encoding of gathered metrics does not fail");
-        String::from_utf8(buffer).expect("the text format is UTF-8")
+        shared::metrics::render(&self.registry)
     }
 }
 

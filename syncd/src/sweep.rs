@@ -189,6 +189,18 @@ impl Sweeper {
         Ok(())
     }
 
+    /// Releases a sweep on shutdown (at its last recorded position) for another replica.
+    async fn hand_back(&self, sweep: &Sweep, planned: i64) -> anyhow::Result<Summary> {
+        store::release_sweep(&self.db, sweep, &self.owner).await?;
+        tracing::info!(kind = %sweep.kind, done = sweep.done, "sweep handed back for another replica to resume");
+        Ok(Summary {
+            planned,
+            done: sweep.done.into(),
+            failed: sweep.failed.into(),
+            finished: false,
+        })
+    }
+
     /// Runs (or resumes) one claimed sweep to its end, or until `cancel`, when it is handed
     /// back for another replica to resume.
     pub async fn run(
@@ -225,18 +237,7 @@ impl Sweeper {
         let started = std::time::Instant::now();
         loop {
             if cancel.is_cancelled() {
-                store::release_sweep(&self.db, &sweep, &self.owner).await?;
-                tracing::info!(
-                    kind = label,
-                    done = sweep.done,
-                    "sweep handed back for another replica to resume"
-                );
-                return Ok(Summary {
-                    planned,
-                    done: sweep.done.into(),
-                    failed: sweep.failed.into(),
-                    finished: false,
-                });
+                return self.hand_back(&sweep, planned).await;
             }
             let page = match kind {
                 SweepKind::Full => {
@@ -269,18 +270,7 @@ impl Sweeper {
             if cancel.is_cancelled() {
                 // Part of this page was not asked: hand the sweep back at the page's start, so
                 // the replica that resumes it redoes the page rather than skip chats.
-                store::release_sweep(&self.db, &sweep, &self.owner).await?;
-                tracing::info!(
-                    kind = label,
-                    done = sweep.done,
-                    "sweep handed back for another replica to resume"
-                );
-                return Ok(Summary {
-                    planned,
-                    done: sweep.done.into(),
-                    failed: sweep.failed.into(),
-                    finished: false,
-                });
+                return self.hand_back(&sweep, planned).await;
             }
             let failed = outcomes.iter().filter(|(_, o)| !o.is_settled()).count() as i32;
             let token_invalid = outcomes.iter().any(|(_, o)| *o == Outcome::TokenInvalid);
