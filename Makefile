@@ -33,6 +33,9 @@ fmt:
 build:
 	$(CARGO) build --workspace --release
 
-## make bench: benchmark tables (each run starts its own servers; release build)
+## make bench: benchmark tables (each run starts its own servers; release build; needs wrk)
 bench: deps
-	$(CARGO) run --release --quiet -p bench -- sweep --chats 3000 --rps 100 --latency 50ms --runs 3
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
+	$(CARGO) build --release --quiet -p bench -p api
+	./target/release/bench read --chats 150000 --seconds 15
+	./target/release/bench sweep --chats 3000 --rps 100 --latency 50ms --runs 3

@@ -22,8 +22,19 @@ struct Cli {
     command: Bench,
 }
 
+mod read;
+
 #[derive(Subcommand)]
 enum Bench {
+    /// The api's read path on N chats with wrk, against pgbench on the same SQL
+    Read {
+        #[arg(long, default_value_t = 150_000)]
+        chats: i32,
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: u32,
+    },
     /// A full sweep of N chats at MAX_API_RPS against the simulator with a fixed latency
     Sweep {
         #[arg(long, default_value_t = 3000)]
@@ -43,6 +54,11 @@ enum Bench {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Bench::Read {
+            chats,
+            seconds,
+            connections,
+        } => read::run(chats, seconds, connections).await?,
         Bench::Sweep {
             chats,
             rps,

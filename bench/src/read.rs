@@ -1,0 +1,407 @@
+//! `bench read`: the api's read path on 150,000 chats in the legacy schema, with wrk at 64
+//! connections, against pgbench running the same SQL directly (the baseline, same run).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fred::prelude::*;
+use shared::counts::{write_fenced, CachedCount};
+
+const JWT_SECRET: &str = "bench-secret-0123456789abcdef";
+
+/// The page query of `GET /chats/all` for a super_admin, default sort, no search: what
+/// `api::chats::list` sends, as a pgbench script with a random offset in the first 10,000 rows.
+const PAGE_SQL: &str = "\\set off random(0, 9950)\n\
+select t.total, c.*, p.participants_updated_at, p.sync_status from (select coalesce(sum(n), 0)::bigint as total from chat_totals) t \
+left join lateral (select id, name, url, max_chat_id, external_chat_id, participants_count, university_id, department, source, created_at, updated_at \
+from chats where id in (select id from chats where true order by name asc, id asc limit 50 offset :off)) c on true \
+left join chat_participants p on p.chat_id = c.id order by c.name asc, c.id asc;\n";
+
+pub struct WrkResult {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub non_2xx: u64,
+    pub requests: u64,
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it with cargo build --release -p {name}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn parse_ms(text: &str) -> Option<f64> {
+    let text = text.trim();
+    if let Some(v) = text.strip_suffix("us") {
+        return v.parse::<f64>().ok().map(|v| v / 1000.0);
+    }
+    if let Some(v) = text.strip_suffix("ms") {
+        return v.parse().ok();
+    }
+    text.strip_suffix('s')
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v * 1000.0)
+}
+
+/// Runs wrk with a Lua script for `path_expr` (a Lua expression building the path).
+pub fn wrk(
+    port: u16,
+    path_expr: &str,
+    token: &str,
+    seconds: u64,
+    connections: u32,
+    dir: &Path,
+) -> anyhow::Result<WrkResult> {
+    let script = dir.join("bench.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "math.randomseed(42)\nwrk.headers[\"Authorization\"] = \"Bearer {token}\"\n\
+             request = function()\n  return wrk.format(\"GET\", {path_expr})\nend\n"
+        ),
+    )?;
+    let output = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .output()
+        .context("wrk runs (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut result = WrkResult {
+        rps: 0.0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        non_2xx: 0,
+        requests: 0,
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            result.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("50%") {
+            result.p50_ms = parse_ms(v).unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("99%") {
+            result.p99_ms = parse_ms(v).unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            result.non_2xx = v.trim().parse().unwrap_or(0);
+        } else if line.contains("requests in") {
+            result.requests = line
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    if result.requests == 0 {
+        bail!(
+            "wrk measured nothing:\n{text}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(result)
+}
+
+fn pgbench(
+    pg: &testkit::PgServer,
+    clients: u32,
+    seconds: u64,
+    dir: &Path,
+) -> anyhow::Result<(f64, f64)> {
+    let script = dir.join("page.sql");
+    std::fs::write(&script, PAGE_SQL)?;
+    let output = Command::new(testkit::pg_bin_dir()?.join("pgbench"))
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .arg("postgres")
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut tps = 0.0;
+    let mut latency = 0.0;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("tps = ") {
+            tps = v
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("latency average = ") {
+            latency = v
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    if tps == 0.0 {
+        bail!(
+            "pgbench measured nothing:\n{text}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok((tps, latency))
+}
+
+fn spawn_api(pg: &testkit::PgServer, redis_url: &str, port: u16) -> anyhow::Result<Child> {
+    Ok(Command::new(sibling("api")?)
+        .arg("serve")
+        .args(["--listen-addr", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", pg.url())
+        .env("REDIS_URL", redis_url)
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("LOG_LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+async fn wait_for_200(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    deadline: Duration,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if let Ok(response) = http.get(url).bearer_auth(token).send().await {
+            if response.status() == 200 {
+                return Ok(started.elapsed());
+            }
+        }
+        if started.elapsed() > deadline {
+            bail!("{url} did not answer 200 within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix(field)
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let pg = testkit::PgServer::start();
+    let mut redis = testkit::RedisServer::start();
+    let db = sqlx::PgPool::connect(&pg.url()).await?;
+    shared::db::MIGRATOR.run(&db).await?;
+    eprintln!("bench read: loading {chats} chats");
+    sqlx::query(
+        "insert into chats (name, url, max_chat_id, participants_count, university_id, department, source, external_chat_id) \
+         select (array['Математика','Физика','История','Информатика','Химия','Биология','Право','Экономика'])[1 + g % 8] \
+                || ' ' || (2019 + g % 7) || ' группа ' || g, \
+                'https://max.ru/join/' || md5(g::text), (-70000000000000 - g)::text, 5 + g % 300, 1 + g % 40, \
+                (array['Мехмат','Физфак','Истфак','ВМК','Химфак','Биофак','Юрфак', null])[1 + g % 8], \
+                (array['admin_panel','bot_registrar','academic_group'])[1 + g % 3], 'ext-' || g \
+         from generate_series(1, $1) g",
+    )
+    .bind(chats)
+    .execute(&db)
+    .await?;
+    sqlx::query(
+        "insert into chat_participants (chat_id, participants_count, participants_updated_at, sync_status, checked_at) \
+         select id, participants_count, now(), 'active', now() from chats",
+    )
+    .execute(&db)
+    .await?;
+    sqlx::query("vacuum analyze chats").execute(&db).await?;
+    sqlx::query("vacuum analyze chat_participants")
+        .execute(&db)
+        .await?;
+    // Every count fresh in Redis, as after a full sweep.
+    let client = Client::new(Config::from_url(&redis.url())?, None, None, None);
+    client.init().await?;
+    let now = chrono::Utc::now();
+    let ids: Vec<i32> = sqlx::query_scalar("select id from chats order by id")
+        .fetch_all(&db)
+        .await?;
+    for chunk in ids.chunks(2000) {
+        let entries: Vec<(i32, CachedCount)> = chunk
+            .iter()
+            .map(|id| {
+                (
+                    *id,
+                    CachedCount {
+                        count: 42,
+                        updated_at: now,
+                    },
+                )
+            })
+            .collect();
+        write_fenced(&client, &entries, Duration::from_secs(3600)).await?;
+    }
+    let used: String = client.info(Some(fred::types::InfoKind::Memory)).await?;
+    let used_memory = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+
+    let token = api::auth::sign(
+        &secrecy::SecretString::from(JWT_SECRET.to_owned()),
+        &api::auth::Claims {
+            sub: "bench".into(),
+            role: "super_admin".into(),
+            exp: chrono::Utc::now().timestamp() + 3600,
+            university_id: None,
+            branch_id: None,
+            faculty_id: None,
+        },
+    )?;
+    let http = reqwest::Client::new();
+
+    // Cold start: process start to the first 200 of a page.
+    let cold_port = testkit::free_port();
+    let started = Instant::now();
+    let mut cold = spawn_api(&pg, &redis.url(), cold_port)?;
+    wait_for_200(
+        &http,
+        &format!("http://127.0.0.1:{cold_port}/chats/all"),
+        &token,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let cold_start = started.elapsed();
+    let _ = cold.kill();
+    let _ = cold.wait();
+
+    let port = testkit::free_port();
+    let mut api = spawn_api(&pg, &redis.url(), port)?;
+    wait_for_200(
+        &http,
+        &format!("http://127.0.0.1:{port}/chats/all"),
+        &token,
+        Duration::from_secs(30),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    eprintln!("bench read: pgbench baseline");
+    let (pg_tps, pg_latency) = pgbench(&pg, 16, seconds, &dir)?;
+    eprintln!("bench read: wrk");
+    let page_path = "\"/chats/all?limit=50&offset=\" .. math.random(0, 9950)";
+    let page = wrk(port, page_path, &token, seconds, connections, &dir)?;
+    let rss_under_load = rss_kib(api.id(), "VmHWM:");
+    let one_word = wrk(port, "\"/chats/all?limit=50&search=%D0%B3%D1%80%D1%83%D0%BF%D0%BF%D0%B0%20\" .. math.random(1, 150000)", &token, seconds, connections, &dir)?;
+    let two_words = wrk(port, "\"/chats/all?limit=50&search=%D0%A4%D0%B8%D0%B7%D0%B8%D0%BA%D0%B0%20\" .. (2019 + math.random(0, 6))", &token, seconds, connections, &dir)?;
+
+    eprintln!("bench read: Redis down");
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let redis_down = wrk(port, page_path, &token, seconds, connections, &dir)?;
+    let _ = api.kill();
+    let _ = api.wait();
+
+    println!("\nRead path: {chats} chats, wrk -t2 -c{connections} -d{seconds}s; baseline pgbench -c16 -j2 -T{seconds} with the same SQL, same run\n");
+    println!("| what | rps | p50 | p99 | non-2xx | target | result |");
+    println!("|---|---|---|---|---|---|---|");
+    println!("| pgbench, page SQL (baseline) | {pg_tps:.0} TPS | avg {pg_latency:.2} ms | - | - | - | - |");
+    println!(
+        "| GET /chats/all?limit=50, offset 0..10000 | {:.0} | {:.2} ms | {:.2} ms | {} | ≥0.8x baseline, p99 ≤25 ms | {:.2}x, {} |",
+        page.rps, page.p50_ms, page.p99_ms, page.non_2xx, page.rps / pg_tps,
+        if page.rps >= 0.8 * pg_tps && page.p99_ms <= 25.0 { "met" } else { "missed" }
+    );
+    println!(
+        "| search, one word (rare) | {:.0} | {:.2} ms | {:.2} ms | {} | p99 ≤50 ms | {} |",
+        one_word.rps,
+        one_word.p50_ms,
+        one_word.p99_ms,
+        one_word.non_2xx,
+        if one_word.p99_ms <= 50.0 {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    println!(
+        "| search, two words (common) | {:.0} | {:.2} ms | {:.2} ms | {} | p99 ≤50 ms | {} |",
+        two_words.rps,
+        two_words.p50_ms,
+        two_words.p99_ms,
+        two_words.non_2xx,
+        if two_words.p99_ms <= 50.0 {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    println!(
+        "| page, Redis killed | {:.0} | {:.2} ms | {:.2} ms | {} | ≥0.8x healthy, 0 non-2xx | {:.2}x, {} |",
+        redis_down.rps, redis_down.p50_ms, redis_down.p99_ms, redis_down.non_2xx, redis_down.rps / page.rps,
+        if redis_down.rps >= 0.8 * page.rps && redis_down.non_2xx == 0 { "met" } else { "missed" }
+    );
+    println!("\n| what | measured | target | result |");
+    println!("|---|---|---|---|");
+    println!(
+        "| cold start to first 200 | {:.0} ms | ≤1 s | {} |",
+        cold_start.as_secs_f64() * 1000.0,
+        if cold_start <= Duration::from_secs(1) {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    println!(
+        "| api peak RSS under load (VmHWM) | {:.1} MB | ≤64 MB | {} |",
+        rss_under_load as f64 / 1024.0,
+        if rss_under_load <= 64 * 1024 {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    println!(
+        "| Redis used_memory per cached chat | {:.1} B ({} B for {} chats, incl. Redis' own ~1 MB) | ≤100 B | {} |",
+        used_memory as f64 / f64::from(chats),
+        used_memory,
+        chats,
+        if used_memory as f64 / f64::from(chats) <= 100.0 { "met" } else { "missed" }
+    );
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("bench-read-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
