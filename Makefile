@@ -1,10 +1,13 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: run test lint fmt deps build bench
+.PHONY: run test lint fmt deps test-deps build bench
 
 CARGO ?= cargo
 
 deps:
 	@scripts/ensure-deps.sh
+
+test-deps:
+	@scripts/ensure-deps.sh --ops
 
 ## make run: local Redis and Postgres, migrations, demo chats, and the services, in the foreground
 run: deps
@@ -12,7 +15,7 @@ run: deps
 
 ## make test: the whole suite against real Redis and Postgres servers the tests start
 ## themselves, schemathesis against the live api, and the validators of the ops artefacts
-test: deps
+test: test-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast && \
 		$(CARGO) nextest run --workspace --run-ignored only --no-fail-fast; \

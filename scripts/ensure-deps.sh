@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs what the tests and `make run` need, where missing:
-#   from the system's packages: redis-server, the PostgreSQL server, promtool (prometheus) and
-#   docker-compose (to validate compose.yaml; no engine is needed);
-#   from PyPI, into target/ops-venv: kubernetes-validate and schemathesis.
+# Installs what `make run` needs, where missing: redis-server and the PostgreSQL server, from
+# the system's packages. With --ops, also what `make test` needs to validate the operations
+# artefacts: promtool (prometheus) and docker-compose (no engine is needed) from the system's
+# packages, and kubernetes-validate and schemathesis from PyPI into target/ops-venv.
 # Runs `apt-get update` at most once, and only when something is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ops=false
+[ "${1:-}" = "--ops" ] && ops=true
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -13,9 +15,11 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     missing+=(postgresql)
 fi
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
-command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
-command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
-python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if $ops; then
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "ensure-deps: installing ${missing[*]} from the system's packages" >&2
@@ -35,6 +39,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+$ops || exit 0
 
 # Python tools, pinned, in a venv of the project's own.
 venv=target/ops-venv

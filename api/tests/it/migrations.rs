@@ -171,7 +171,10 @@ async fn every_sort_and_search_is_served_by_an_index() {
     // The page's offset is walked over the sort index alone (the deferred join of chats::list).
     pg.psql("postgres", "vacuum analyze chats");
     for column in ["name", "participants_count", "created_at"] {
-        let plan = pg.psql("postgres", &format!("explain select id from chats order by {column}, id limit 50 offset 5000"));
+        let plan = pg.psql(
+            "postgres",
+            &format!("explain select id from chats order by {column}, id limit 50 offset 5000"),
+        );
         assert!(plan.contains("Index Only Scan"), "{column}:\n{plan}");
     }
     // At 20,000 rows a sequential scan is still the cheaper plan (at 150,000 the planner picks
