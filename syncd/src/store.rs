@@ -265,6 +265,35 @@ pub async fn take_over_orphan(
     .await
 }
 
+/// Writes a sweep's progress (`position`, `planned`, `done`, `failed`) to its row, with the
+/// extra `set` and `where` clauses of the caller; `$8` is `lease` in seconds when given.
+/// Returns the rows updated (0 when the row is no longer this owner's).
+async fn write_progress(
+    pool: &PgPool,
+    sweep: &Sweep,
+    owner: &str,
+    extra_set: &str,
+    extra_where: &str,
+    lease: Option<std::time::Duration>,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, {extra_set} \
+         where kind = $1 and slot = $2 and owner = $3 {extra_where}"
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(&sweep.kind)
+        .bind(sweep.slot)
+        .bind(owner)
+        .bind(sweep.position)
+        .bind(sweep.planned)
+        .bind(sweep.done)
+        .bind(sweep.failed);
+    if let Some(lease) = lease {
+        query = query.bind(lease.as_secs_f64());
+    }
+    Ok(query.execute(pool).await?.rows_affected())
+}
+
 /// Records progress and renews the lease. False when the lease was lost to another replica.
 pub async fn advance_sweep(
     pool: &PgPool,
@@ -272,56 +301,41 @@ pub async fn advance_sweep(
     owner: &str,
     lease: std::time::Duration,
 ) -> Result<bool, sqlx::Error> {
-    let updated = sqlx::query(
-        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, \
-             lease_until = now() + make_interval(secs => $8) \
-         where kind = $1 and slot = $2 and owner = $3 and finished_at is null",
+    let updated = write_progress(
+        pool,
+        sweep,
+        owner,
+        "lease_until = now() + make_interval(secs => $8)",
+        "and finished_at is null",
+        Some(lease),
     )
-    .bind(&sweep.kind)
-    .bind(sweep.slot)
-    .bind(owner)
-    .bind(sweep.position)
-    .bind(sweep.planned)
-    .bind(sweep.done)
-    .bind(sweep.failed)
-    .bind(lease.as_secs_f64())
-    .execute(pool)
     .await?;
-    Ok(updated.rows_affected() == 1)
+    Ok(updated == 1)
 }
 
 pub async fn finish_sweep(pool: &PgPool, sweep: &Sweep, owner: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, \
-             finished_at = now(), lease_until = null \
-         where kind = $1 and slot = $2 and owner = $3",
+    write_progress(
+        pool,
+        sweep,
+        owner,
+        "finished_at = now(), lease_until = null",
+        "",
+        None,
     )
-    .bind(&sweep.kind)
-    .bind(sweep.slot)
-    .bind(owner)
-    .bind(sweep.position)
-    .bind(sweep.planned)
-    .bind(sweep.done)
-    .bind(sweep.failed)
-    .execute(pool)
     .await?;
     Ok(())
 }
 
 /// Gives a sweep back on shutdown so that another replica resumes it at once.
 pub async fn release_sweep(pool: &PgPool, sweep: &Sweep, owner: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, owner = null, lease_until = null \
-         where kind = $1 and slot = $2 and owner = $3 and finished_at is null",
+    write_progress(
+        pool,
+        sweep,
+        owner,
+        "owner = null, lease_until = null",
+        "and finished_at is null",
+        None,
     )
-    .bind(&sweep.kind)
-    .bind(sweep.slot)
-    .bind(owner)
-    .bind(sweep.position)
-    .bind(sweep.planned)
-    .bind(sweep.done)
-    .bind(sweep.failed)
-    .execute(pool)
     .await?;
     Ok(())
 }
