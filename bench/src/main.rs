@@ -23,6 +23,8 @@ struct Cli {
 }
 
 mod read;
+mod stack;
+mod sync;
 
 #[derive(Subcommand)]
 enum Bench {
@@ -35,7 +37,24 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         connections: u32,
     },
-    /// A full sweep of N chats at MAX_API_RPS against the simulator with a fixed latency
+    /// The sync path with the real binaries: full sweeps with 1 and 3 replicas, lazy refresh
+    /// latency, refresh-and-wait latency
+    Sync {
+        #[arg(long, default_value_t = 30_000)]
+        chats: i32,
+        #[arg(long, default_value_t = 300.0)]
+        rps: f64,
+        #[arg(long, default_value = "30ms", value_parser = parse_duration)]
+        latency: Duration,
+        /// Replica counts to sweep with, one row each
+        #[arg(long, value_delimiter = ',', default_value = "1,3")]
+        replicas: Vec<u32>,
+        /// Samples of each latency
+        #[arg(long, default_value_t = 200)]
+        samples: u32,
+    },
+    /// A full sweep of N chats at MAX_API_RPS against the simulator with a fixed latency,
+    /// in this process
     Sweep {
         #[arg(long, default_value_t = 3000)]
         chats: i32,
@@ -59,6 +78,22 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             connections,
         } => read::run(chats, seconds, connections).await?,
+        Bench::Sync {
+            chats,
+            rps,
+            latency,
+            replicas,
+            samples,
+        } => {
+            sync::run(sync::Options {
+                chats,
+                rps,
+                latency,
+                replicas,
+                samples,
+            })
+            .await?;
+        }
         Bench::Sweep {
             chats,
             rps,

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use fred::prelude::*;
 use shared::counts::{write_fenced, CachedCount};
 
-const JWT_SECRET: &str = "bench-secret-0123456789abcdef";
+use crate::stack::{sibling, JWT_SECRET};
 
 /// The page query of `GET /chats/all` for a super_admin, default sort, no search: what
 /// `api::chats::list` sends, as a pgbench script with a random offset in the first 10,000 rows.
@@ -25,17 +25,6 @@ pub struct WrkResult {
     pub p99_ms: f64,
     pub non_2xx: u64,
     pub requests: u64,
-}
-
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: build it with cargo build --release -p {name}",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 fn parse_ms(text: &str) -> Option<f64> {
@@ -277,17 +266,7 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
 
-    let token = api::auth::sign(
-        &secrecy::SecretString::from(JWT_SECRET.to_owned()),
-        &api::auth::Claims {
-            sub: "bench".into(),
-            role: "super_admin".into(),
-            exp: chrono::Utc::now().timestamp() + 3600,
-            university_id: None,
-            branch_id: None,
-            faculty_id: None,
-        },
-    )?;
+    let token = crate::stack::admin_token()?;
     let http = reqwest::Client::new();
 
     // Cold start: process start to the first 200 of a page.
