@@ -74,6 +74,10 @@ struct Inner {
     batch_size: usize,
     consecutive_transient: AtomicU32,
     pause_level: AtomicU32,
+    /// Until when this replica's last pause of the fleet runs: a 429 to a call sent before
+    /// then (in flight, or on a slot reserved earlier) is the same burst, and does not
+    /// lengthen the pause; only a 429 after a pause has run its course doubles the next.
+    paused_until: std::sync::Mutex<Option<Instant>>,
     breaker_open_until: std::sync::Mutex<Option<Instant>>,
     stopping: AtomicBool,
 }
@@ -106,6 +110,7 @@ impl Refresher {
                 batch_size: parts.batch_size.max(1),
                 consecutive_transient: AtomicU32::new(0),
                 pause_level: AtomicU32::new(0),
+                paused_until: std::sync::Mutex::new(None),
                 breaker_open_until: std::sync::Mutex::new(None),
                 stopping: AtomicBool::new(false),
             }),
@@ -306,13 +311,27 @@ impl Refresher {
                 .inc();
             match &error {
                 MaxError::RateLimited => {
-                    let level = inner.pause_level.fetch_add(1, Ordering::Relaxed).min(5);
-                    let pause = (PAUSE_BASE * 2u32.pow(level)).min(PAUSE_CAP);
-                    tracing::warn!(
-                        pause_ms = pause.as_millis() as u64,
-                        "MAX answered 429; pausing the fleet"
-                    );
-                    inner.limiter.pause(pause).await;
+                    // Every call of a batch in flight may come back 429 at once: one pause
+                    // answers them all (before, each 429 doubled it, to 30 s at once).
+                    let pause = {
+                        let mut until =
+                            inner.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+                        if until.is_none_or(|until| started >= until) {
+                            let level = inner.pause_level.fetch_add(1, Ordering::Relaxed).min(5);
+                            let pause = (PAUSE_BASE * 2u32.pow(level)).min(PAUSE_CAP);
+                            *until = Some(Instant::now() + pause);
+                            Some(pause)
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some(pause) = pause {
+                        tracing::warn!(
+                            pause_ms = pause.as_millis() as u64,
+                            "MAX answered 429; pausing the fleet"
+                        );
+                        inner.limiter.pause(pause).await;
+                    }
                 }
                 MaxError::Transient(_) => {
                     let failures = inner.consecutive_transient.fetch_add(1, Ordering::Relaxed) + 1;

@@ -282,3 +282,42 @@ async fn an_invalid_token_stops_the_calls() {
     assert_eq!(status.as_deref(), Some("invalid"));
     replica.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_burst_of_429s_pauses_the_fleet_once_not_for_thirty_seconds() {
+    // MAX allows 5 calls a second while syncd believes it may make 200: one batch of 50
+    // concurrent calls comes back mostly 429, all at once.
+    let world = World::new(SimConfig {
+        rate_limit: 5,
+        latency_ms: 100,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(50).await;
+    let replica = world
+        .replica(&[
+            "--max-api-rps",
+            "200",
+            "--participants-enable-background-sync",
+            "false",
+        ])
+        .await;
+    world.enqueue_lazy(&ids).await;
+    eventually(Duration::from_secs(20), "MAX answered 429", || async {
+        world.sim.stats().rate_limited >= 20
+    })
+    .await;
+    // Let every answer of the burst arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = world.redis_client().await;
+    // The pause key lives for the pause plus one second.
+    let ttl_ms: i64 = client.pttl(keys::LIMITER_PAUSE).await.unwrap();
+    let left_ms = ttl_ms - 1000;
+    // One burst is one pause of 1 s (2 s if a call sent after it also met a 429); before,
+    // each of the ~45 answers doubled it, to the 30 s cap.
+    assert!(
+        left_ms <= 2_000,
+        "the fleet is paused for {left_ms} ms more after a single burst of 429s"
+    );
+    replica.stop().await.unwrap();
+}
