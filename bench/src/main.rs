@@ -22,6 +22,7 @@ struct Cli {
     command: Bench,
 }
 
+mod drill;
 mod read;
 mod stack;
 mod sync;
@@ -36,6 +37,18 @@ enum Bench {
         seconds: u64,
         #[arg(long, default_value_t = 64)]
         connections: u32,
+    },
+    /// Fault drills under load, one row each: Redis, Postgres and syncd killed, a 429 storm,
+    /// a 60 s MAX outage, MAX answering in 5 s
+    Drill {
+        /// Drills to run, in order
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "redis,postgres,syncd,rate-limit,max-outage,max-slow"
+        )]
+        only: Vec<drill::Drill>,
     },
     /// The sync path with the real binaries: full sweeps with 1 and 3 replicas, lazy refresh
     /// latency, refresh-and-wait latency
@@ -78,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             connections,
         } => read::run(chats, seconds, connections).await?,
+        Bench::Drill { only } => drill::run(&only).await?,
         Bench::Sync {
             chats,
             rps,

@@ -50,10 +50,6 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -234,20 +230,6 @@ impl Stack {
         )
         .fetch_optional(&self.db)
         .await?)
-    }
-
-    /// The time MAX was last asked about a chat, if ever.
-    pub async fn refreshed_at(
-        &self,
-        chat_id: i32,
-    ) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
-        Ok(sqlx::query_scalar(
-            "select participants_updated_at from chat_participants where chat_id = $1",
-        )
-        .bind(chat_id)
-        .fetch_optional(&self.db)
-        .await?
-        .flatten())
     }
 }
 
