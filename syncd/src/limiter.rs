@@ -40,7 +40,9 @@ local interval = tonumber(ARGV[1])
 local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
 if now < pause then return -(pause - now) end
 if ARGV[3] == '1' then
-  redis.call('SET', KEYS[3], '1', 'PX', 500)
+  -- Urgent work is waiting: sweeps hold off for the next few slots. Longer would starve
+  -- sweeps behind a trickle of urgent calls that uses a sliver of the budget.
+  redis.call('SET', KEYS[3], '1', 'PX', math.max(math.floor(interval * 4 / 1000), 20))
 elseif redis.call('EXISTS', KEYS[3]) == 1 then
   return -interval
 end

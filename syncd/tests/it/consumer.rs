@@ -321,3 +321,57 @@ async fn a_burst_of_429s_pauses_the_fleet_once_not_for_thirty_seconds() {
     );
     replica.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_trickle_of_manual_refreshes_does_not_starve_a_sweep() {
+    let world = World::new(SimConfig {
+        rate_limit: 0,
+        latency_ms: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(300).await;
+    let replica = world
+        .replica(&[
+            "--max-api-rps",
+            "100",
+            "--participants-enable-background-sync",
+            "false",
+        ])
+        .await;
+    syncd::store::request_sweep(&world.db, "full")
+        .await
+        .unwrap();
+    // Five manual refreshes a second: a twentieth of the budget, but always some urgent work.
+    let client = world.redis_client().await;
+    let trickle = tokio::spawn(async move {
+        for id in ids.iter().cycle() {
+            shared::refresh::enqueue(
+                &client,
+                shared::refresh::Priority::Manual,
+                &[*id],
+                Duration::from_secs(60),
+                None,
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    eventually(
+        Duration::from_secs(60),
+        "the full sweep finished",
+        || async {
+            let finished: i64 = sqlx::query_scalar(
+                "select count(*) from sync_sweeps where kind = 'full' and finished_at is not null",
+            )
+            .fetch_one(&world.db)
+            .await
+            .unwrap();
+            finished == 1
+        },
+    )
+    .await;
+    trickle.abort();
+    replica.stop().await.unwrap();
+}
