@@ -58,6 +58,7 @@ pub async fn run(
             freshness: Freshness {
                 cache_ttl: args.freshness.participants_cache_ttl,
                 stale_threshold: args.freshness.participants_stale_threshold,
+                due_age: args.freshness.due_age(),
                 lazy_update: args.participants_enable_lazy_update,
             },
             integration_enabled,

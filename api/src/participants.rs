@@ -47,6 +47,8 @@ pub struct ChatView {
 pub struct Freshness {
     pub cache_ttl: Duration,
     pub stale_threshold: Duration,
+    /// Age at which a read enqueues a refresh: the threshold less the refresh-ahead window.
+    pub due_age: Duration,
     pub lazy_update: bool,
 }
 
@@ -112,9 +114,10 @@ pub fn enrich(
         }
         if stale {
             out.stale += 1;
-            if freshness.lazy_update && refreshable(&row) {
-                out.to_refresh.push(row.id);
-            }
+        }
+        let due = updated_at.is_none_or(|at| age(now, at) > freshness.due_age);
+        if due && freshness.lazy_update && refreshable(&row) {
+            out.to_refresh.push(row.id);
         }
         out.chats.push(ChatView {
             id: row.id,
@@ -167,6 +170,7 @@ mod tests {
         Freshness {
             cache_ttl: Duration::from_secs(3600),
             stale_threshold: Duration::from_secs(600),
+            due_age: Duration::from_secs(450),
             lazy_update: true,
         }
     }
@@ -266,5 +270,25 @@ mod tests {
         );
         assert!(out.to_refresh.is_empty());
         assert_eq!((out.hits, out.misses), (0, 0));
+    }
+
+    #[test]
+    fn an_ageing_count_is_refreshed_ahead_but_not_flagged_stale() {
+        let now = Utc::now();
+        // due at 450 s, stale at 600 s
+        let ageing = now - chrono::Duration::seconds(500);
+        let young = now - chrono::Duration::seconds(100);
+        let out = enrich(
+            vec![
+                row(1, Some("-5"), 7, Some(ageing)),
+                row(2, Some("-6"), 7, Some(young)),
+            ],
+            None,
+            now,
+            freshness(),
+        );
+        assert!(!out.chats[0].participants_stale);
+        assert_eq!(out.stale, 0);
+        assert_eq!(out.to_refresh, vec![1]);
     }
 }

@@ -309,14 +309,13 @@ async fn one(drill: Drill) -> anyhow::Result<Row> {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
-            let done_at_kill: i32;
             if owner == "syncd-a" {
                 syncd_a.kill();
             } else if let Some(b) = syncd_b.as_mut() {
                 b.kill();
             }
             let since = Instant::now();
-            done_at_kill = sqlx::query_scalar(
+            let done_at_kill: i32 = sqlx::query_scalar(
                 "select done from sync_sweeps where kind = 'full' and finished_at is null",
             )
             .fetch_one(&stack.db)
@@ -412,7 +411,7 @@ async fn one(drill: Drill) -> anyhow::Result<Row> {
         let slack = chrono::Duration::milliseconds(6_000);
         lost = acknowledged
             .iter()
-            .filter(|(id, at)| !fresh.get(id).is_some_and(|f| *f >= *at - slack))
+            .filter(|(id, at)| fresh.get(id).is_none_or(|f| *f < *at - slack))
             .count();
         if lost == 0 {
             break;

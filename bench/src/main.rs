@@ -23,6 +23,7 @@ struct Cli {
 }
 
 mod drill;
+mod fresh;
 mod read;
 mod stack;
 mod sync;
@@ -49,6 +50,28 @@ enum Bench {
             default_value = "redis,postgres,syncd,rate-limit,max-outage,max-slow"
         )]
         only: Vec<drill::Drill>,
+    },
+    /// Freshness under the MAX budget: a time-scaled simulation of this service and of the seed
+    /// design side by side, with Zipf reads and churn
+    Fresh {
+        #[arg(long, default_value_t = 150_000)]
+        chats: i32,
+        /// Time runs this many times faster; the MAX budget is multiplied by it
+        #[arg(long, default_value_t = 60.0)]
+        scale: f64,
+        /// MAX calls a second in real time (MAX_API_RPS before scaling)
+        #[arg(long, default_value_t = 30.0)]
+        budget_rps: f64,
+        /// Chat reads an hour in real time
+        #[arg(long, default_value_t = 12_000.0)]
+        reads_per_hour: f64,
+        /// Scaled hours to run; the first warms up
+        #[arg(long, default_value_t = 3.0)]
+        hours: f64,
+        #[arg(long, default_value_t = 1.1)]
+        zipf: f64,
+        #[arg(long, default_value = "30ms", value_parser = parse_duration)]
+        latency: Duration,
     },
     /// The sync path with the real binaries: full sweeps with 1 and 3 replicas, lazy refresh
     /// latency, refresh-and-wait latency
@@ -92,6 +115,26 @@ async fn main() -> anyhow::Result<()> {
             connections,
         } => read::run(chats, seconds, connections).await?,
         Bench::Drill { only } => drill::run(&only).await?,
+        Bench::Fresh {
+            chats,
+            scale,
+            budget_rps,
+            reads_per_hour,
+            hours,
+            zipf,
+            latency,
+        } => {
+            fresh::run(fresh::Options {
+                chats,
+                scale,
+                budget_rps,
+                reads_per_hour,
+                hours,
+                zipf,
+                latency,
+            })
+            .await?;
+        }
         Bench::Sync {
             chats,
             rps,

@@ -118,9 +118,24 @@ pub struct FreshnessArgs {
     /// Age after which a count is stale and due for a refresh
     #[arg(long, env = "PARTICIPANTS_STALE_THRESHOLD", default_value = "1h", value_parser = parse_duration)]
     pub participants_stale_threshold: Duration,
+
+    /// How long before turning stale a count is already due: a read of it enqueues a lazy
+    /// refresh and the stale sweep may take it, so chats people read are refreshed before they
+    /// turn stale. 0 refreshes only stale counts (the seed design). At most half the threshold
+    #[arg(long, env = "PARTICIPANTS_REFRESH_AHEAD", default_value = "15m", value_parser = parse_duration)]
+    pub participants_refresh_ahead: Duration,
 }
 
 impl FreshnessArgs {
+    /// The age at which a count is due for a refresh: the stale threshold less the refresh-ahead
+    /// window (capped at half the threshold).
+    pub fn due_age(&self) -> Duration {
+        let ahead = self
+            .participants_refresh_ahead
+            .min(self.participants_stale_threshold / 2);
+        self.participants_stale_threshold - ahead
+    }
+
     /// Checks the settings against each other; the error names the setting at fault.
     pub fn validate(&self) -> Result<(), String> {
         if self.participants_cache_ttl.is_zero() {
@@ -181,5 +196,17 @@ mod tests {
         assert_eq!(parse_bool("1"), Ok(true));
         assert_eq!(parse_bool("off"), Ok(false));
         assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn a_count_is_due_ahead_of_the_threshold_by_at_most_half_of_it() {
+        let freshness = |threshold: u64, ahead: u64| FreshnessArgs {
+            participants_cache_ttl: Duration::from_secs(3600),
+            participants_stale_threshold: Duration::from_secs(threshold),
+            participants_refresh_ahead: Duration::from_secs(ahead),
+        };
+        assert_eq!(freshness(3600, 900).due_age(), Duration::from_secs(2700));
+        assert_eq!(freshness(3600, 0).due_age(), Duration::from_secs(3600));
+        assert_eq!(freshness(60, 900).due_age(), Duration::from_secs(30));
     }
 }

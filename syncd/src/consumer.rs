@@ -44,7 +44,9 @@ pub struct Consumer {
     pub metrics: Metrics,
     pub claim_idle: Duration,
     pub max_deliveries: u64,
-    pub stale_threshold: Duration,
+    /// Age at which a count is due (stale threshold less refresh-ahead): a lazy request for a
+    /// younger count is already answered.
+    pub due_age: Duration,
     pub inactive_recheck: Duration,
 }
 
@@ -293,8 +295,7 @@ impl Consumer {
         let now = Utc::now();
         let recheck_before =
             now - chrono::Duration::from_std(self.inactive_recheck).unwrap_or_default();
-        let stale_before =
-            now - chrono::Duration::from_std(self.stale_threshold).unwrap_or_default();
+        let stale_before = now - chrono::Duration::from_std(self.due_age).unwrap_or_default();
         // The oldest request per chat, and whether any is manual.
         let mut wanted: BTreeMap<i32, (chrono::DateTime<Utc>, bool)> = BTreeMap::new();
         for (_, request) in &requests {

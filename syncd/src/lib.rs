@@ -130,7 +130,7 @@ pub async fn run(
         metrics: parts.metrics.clone(),
         claim_idle: args.claim_idle,
         max_deliveries: args.max_deliveries,
-        stale_threshold: args.sync.freshness.participants_stale_threshold,
+        due_age: args.sync.freshness.due_age(),
         inactive_recheck: args.sync.participants_inactive_recheck,
     };
     tracker.spawn(consumer.run(cancel.clone()));
@@ -141,6 +141,7 @@ pub async fn run(
         metrics: parts.metrics.clone(),
         owner: name.clone(),
         stale_threshold: args.sync.freshness.participants_stale_threshold,
+        due_age: args.sync.freshness.due_age(),
         inactive_recheck: args.sync.participants_inactive_recheck,
         update_interval: args.participants_update_interval,
         rps: args.sync.max_api_rps,
@@ -198,6 +199,7 @@ pub async fn sweep_once(
         metrics: parts.metrics.clone(),
         owner,
         stale_threshold: args.sync.freshness.participants_stale_threshold,
+        due_age: args.sync.freshness.due_age(),
         inactive_recheck: args.sync.participants_inactive_recheck,
         update_interval: args.participants_update_interval,
         rps: args.sync.max_api_rps,

@@ -85,6 +85,8 @@ pub struct Sweeper {
     pub metrics: Metrics,
     pub owner: String,
     pub stale_threshold: Duration,
+    /// Age at which a count is due for the stale sweep (threshold less refresh-ahead).
+    pub due_age: Duration,
     pub inactive_recheck: Duration,
     pub update_interval: Duration,
     pub rps: f64,
@@ -189,6 +191,31 @@ impl Sweeper {
         Ok(())
     }
 
+    /// Runs `work` while renewing the sweep's lease every quarter lease. A page may take far
+    /// longer than usual when lazy and manual work takes the whole MAX budget (they go first);
+    /// the replica is alive and the sweep is still its own.
+    async fn keeping_lease<T>(
+        &self,
+        sweep: &Sweep,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
+        let mut renew =
+            tokio::time::interval_at(tokio::time::Instant::now() + LEASE / 4, LEASE / 4);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = renew.tick() => {
+                    match store::renew_lease(&self.db, sweep, &self.owner, LEASE).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(kind = %sweep.kind, "the sweep's lease went to another replica"),
+                        Err(error) => tracing::warn!(error = %error, "could not renew the sweep's lease"),
+                    }
+                }
+            }
+        }
+    }
+
     /// Releases a sweep on shutdown (at its last recorded position) for another replica.
     async fn hand_back(&self, sweep: &Sweep, planned: i64) -> anyhow::Result<Summary> {
         store::release_sweep(&self.db, sweep, &self.owner).await?;
@@ -249,8 +276,8 @@ impl Sweeper {
                         Vec::new()
                     } else {
                         let now = Utc::now();
-                        let stale_before = now
-                            - chrono::Duration::from_std(self.stale_threshold).unwrap_or_default();
+                        let stale_before =
+                            now - chrono::Duration::from_std(self.due_age).unwrap_or_default();
                         store::stale_targets(&self.db, now, stale_before, recheck_before, left)
                             .await?
                     }
@@ -264,8 +291,10 @@ impl Sweeper {
                 .filter(|t| t.is_due(recheck_before))
                 .collect();
             let outcomes = self
-                .refresher
-                .refresh(due, Urgency::Sweep, Some(cancel))
+                .keeping_lease(
+                    &sweep,
+                    self.refresher.refresh(due, Urgency::Sweep, Some(cancel)),
+                )
                 .await?;
             if cancel.is_cancelled() {
                 // Part of this page was not asked: hand the sweep back at the page's start, so
