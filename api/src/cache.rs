@@ -256,6 +256,22 @@ impl Cache {
         matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
     }
 
+    /// At start-up: waits up to `within` for Redis to answer, and closes the circuit if it does.
+    pub async fn warm_up(&self, within: Duration) {
+        if self.client.is_none() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if self.ping().await {
+                self.available.store(true, Ordering::Relaxed);
+                self.metrics.cache_available.set(1);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Keeps the circuit in step with Redis until `cancel` fires.
     pub async fn run_probe(self: Arc<Self>, cancel: CancellationToken) {
         if self.client.is_none() {

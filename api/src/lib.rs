@@ -41,6 +41,10 @@ pub async fn run(
     let waiters = waiters::RefreshWaiters::new();
     let background = CancellationToken::new();
 
+    // The first requests use the cache when Redis is up, rather than find the circuit open
+    // until the probe's second round (seen in the drills: the first 500 ms of manual refreshes
+    // were refused with 503). A dead Redis delays start-up by this much at most.
+    cache.warm_up(std::time::Duration::from_millis(500)).await;
     tokio::spawn(cache.clone().run_probe(background.clone()));
     let integration_enabled = !args.participants_integration_disabled;
     if integration_enabled && !args.redis.disable_redis {
