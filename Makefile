@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: run test lint fmt deps test-deps build bench
+.PHONY: run test lint fmt deps test-deps build bench drill bench-build
 
 CARGO ?= cargo
 
@@ -36,9 +36,17 @@ fmt:
 build:
 	$(CARGO) build --workspace --release
 
-## make bench: benchmark tables (each run starts its own servers; release build; needs wrk)
-bench: deps
-	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
-	$(CARGO) build --release --quiet -p bench -p api
+## make bench: benchmark tables (each command starts its own servers and takes at most ~10 min;
+## release build; needs wrk, installed here if missing)
+bench: deps bench-build
 	./target/release/bench read --chats 150000 --seconds 15
-	./target/release/bench sweep --chats 3000 --rps 100 --latency 50ms --runs 3
+	./target/release/bench sync --chats 30000 --rps 300 --latency 30ms --replicas 1,3
+	./target/release/bench fresh --chats 150000 --scale 30 --hours 2
+
+## make drill: fault drills under load, one row each (about 8 min)
+drill: deps bench-build
+	./target/release/bench drill
+
+bench-build:
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
+	$(CARGO) build --release --quiet -p bench -p api -p syncd

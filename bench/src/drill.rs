@@ -109,7 +109,7 @@ pub async fn run(drills: &[Drill]) -> anyhow::Result<()> {
                 || "not recovered".to_owned(),
                 |d| format!("{:.2} s", d.as_secs_f64())
             ),
-            row.notes,
+            row.notes.trim_start_matches("; "),
         );
     }
     Ok(())
@@ -431,6 +431,23 @@ async fn one(drill: Drill) -> anyhow::Result<Row> {
     let sent = sent.lock().unwrap();
     if sent.is_empty() {
         bail!("no manual refresh was sent");
+    }
+    let mut refused: std::collections::BTreeMap<u16, usize> = std::collections::BTreeMap::new();
+    for s in sent.iter().filter(|s| s.status != 200 && s.status != 202) {
+        *refused.entry(s.status).or_default() += 1;
+    }
+    if !refused.is_empty() {
+        let list: Vec<String> = refused
+            .iter()
+            .map(|(status, n)| {
+                if *status == 0 {
+                    format!("{n} no answer")
+                } else {
+                    format!("{n} answered {status}")
+                }
+            })
+            .collect();
+        notes.push_str(&format!("; refused: {}", list.join(", ")));
     }
     Ok(Row {
         reads: counters.reads.load(Ordering::Relaxed),
