@@ -313,27 +313,6 @@ pub async fn advance_sweep(
     Ok(updated == 1)
 }
 
-/// Extends the lease of a sweep this replica still owns, while a page is in progress.
-pub async fn renew_lease(
-    pool: &PgPool,
-    sweep: &Sweep,
-    owner: &str,
-    lease: std::time::Duration,
-) -> Result<bool, sqlx::Error> {
-    let updated = sqlx::query(
-        "update sync_sweeps set lease_until = now() + make_interval(secs => $4) \
-         where kind = $1 and slot = $2 and owner = $3 and finished_at is null",
-    )
-    .bind(&sweep.kind)
-    .bind(sweep.slot)
-    .bind(owner)
-    .bind(lease.as_secs_f64())
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(updated == 1)
-}
-
 pub async fn finish_sweep(pool: &PgPool, sweep: &Sweep, owner: &str) -> Result<(), sqlx::Error> {
     write_progress(
         pool,

@@ -206,7 +206,9 @@ impl Sweeper {
             tokio::select! {
                 out = &mut work => return out,
                 _ = renew.tick() => {
-                    match store::renew_lease(&self.db, sweep, &self.owner, LEASE).await {
+                    // `sweep` is still the progress recorded after the last page: rewriting it
+                    // changes nothing but the lease.
+                    match store::advance_sweep(&self.db, sweep, &self.owner, LEASE).await {
                         Ok(true) => {}
                         Ok(false) => tracing::warn!(kind = %sweep.kind, "the sweep's lease went to another replica"),
                         Err(error) => tracing::warn!(error = %error, "could not renew the sweep's lease"),
