@@ -1,13 +1,13 @@
 //! Local validation of the auth-service's HS256 access tokens, and the scope a token grants.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::scope::Scope;
 
 /// The claims the auth-service puts in an access token.
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,15 +39,6 @@ impl Role {
             _ => None,
         }
     }
-}
-
-/// Which chats a caller may see.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
-    All,
-    University(i32),
-    /// A curator or operator token without a usable `university_id` sees nothing, not everything.
-    Nothing,
 }
 
 /// The authenticated caller.
@@ -134,13 +125,14 @@ pub fn sign(secret: &SecretString, claims: &Claims) -> Result<String, jsonwebtok
     )
 }
 
-impl FromRequestParts<AppState> for Principal {
+impl<S> FromRequestParts<S> for Principal
+where
+    TokenVerifier: FromRef<S>,
+    S: Send + Sync,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -150,7 +142,7 @@ impl FromRequestParts<AppState> for Principal {
                     .map_err(|_| ApiError::Unauthorized("authorization header is not text"))
             })
             .transpose()?;
-        state.tokens.verify(header)
+        TokenVerifier::from_ref(state).verify(header)
     }
 }
 

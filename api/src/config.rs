@@ -73,6 +73,11 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(0..=16))]
     pub redis_wait_replicas: u32,
 
+    /// How often the api compares its in-memory chats with Postgres row by row, to heal changes
+    /// whose notification was lost (notified changes show up within about a second)
+    #[arg(long, env = "READ_MODEL_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub read_model_reconcile_interval: Duration,
+
     /// Most time one HTTP request may take before it is answered 503
     #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -101,6 +106,9 @@ impl ServeArgs {
         }
         if self.participants_refresh_dedup_ttl.is_zero() {
             return Err("PARTICIPANTS_REFRESH_DEDUP_TTL must be greater than zero".to_owned());
+        }
+        if self.read_model_reconcile_interval < Duration::from_secs(1) {
+            return Err("READ_MODEL_RECONCILE_INTERVAL must be at least 1s".to_owned());
         }
         if self.request_timeout <= self.participants_refresh_wait {
             return Err(

@@ -30,6 +30,9 @@ pub enum ApiError {
     RefreshUnavailable(&'static str),
     #[error("request timed out")]
     Timeout,
+    /// The read model has not loaded yet (Postgres has not answered since start-up).
+    #[error("the chat list is loading; retry")]
+    Loading,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -57,7 +60,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::DatabaseUnavailable(_)
             | ApiError::RefreshUnavailable(_)
-            | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Timeout
+            | ApiError::Loading => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +76,7 @@ impl ApiError {
             ApiError::DatabaseUnavailable(_) => "database_unavailable",
             ApiError::RefreshUnavailable(_) => "refresh_unavailable",
             ApiError::Timeout => "timeout",
+            ApiError::Loading => "loading",
             ApiError::Internal(_) => "internal_error",
         }
     }

@@ -12,17 +12,21 @@ use tokio_util::sync::CancellationToken;
 
 pub mod auth;
 pub mod cache;
-pub mod chats;
 pub mod config;
 pub mod error;
 pub mod metrics;
-pub mod participants;
+pub mod postgres;
+pub mod read_model;
+pub mod read_path;
 pub mod routes;
+pub mod scope;
 pub mod state;
 pub mod waiters;
 
 use crate::config::ServeArgs;
-use crate::participants::Freshness;
+use crate::read_model::ReadModel;
+use crate::read_path::counts::Freshness;
+use crate::read_path::ReadPath;
 use crate::state::{AppState, Settings};
 
 /// Longest time in-flight requests get to finish after shutdown is asked for; shorter than
@@ -52,22 +56,39 @@ pub async fn run(
         tokio::spawn(waiters.clone().run_listener(subscriber, background.clone()));
     }
 
+    // The read model loads in the background: until it has, reads answer 503 and the
+    // readiness probe fails; after that, reads never wait on Postgres again.
+    let model = ReadModel::new();
+    tokio::spawn(read_model::sync::run(
+        model.clone(),
+        db.clone(),
+        args.read_model_reconcile_interval,
+        metrics.clone(),
+        background.clone(),
+    ));
+    let reads = Arc::new(ReadPath {
+        model,
+        cache: cache.clone(),
+        metrics: metrics.clone(),
+        freshness: Freshness {
+            cache_ttl: args.freshness.participants_cache_ttl,
+            stale_threshold: args.freshness.participants_stale_threshold,
+            due_age: args.freshness.due_age(),
+            lazy_update: args.participants_enable_lazy_update,
+        },
+        integration_enabled,
+        refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
+    });
     let state = AppState {
         db: db.clone(),
         cache,
+        reads,
         tokens: auth::TokenVerifier::new(&args.jwt_secret),
         metrics,
         waiters,
         settings: Arc::new(Settings {
-            freshness: Freshness {
-                cache_ttl: args.freshness.participants_cache_ttl,
-                stale_threshold: args.freshness.participants_stale_threshold,
-                due_age: args.freshness.due_age(),
-                lazy_update: args.participants_enable_lazy_update,
-            },
             integration_enabled,
             refresh_wait: args.participants_refresh_wait,
-            refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
             redis_wait_replicas: args.redis_wait_replicas,
             request_timeout: args.request_timeout,
         }),

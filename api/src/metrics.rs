@@ -1,7 +1,8 @@
 //! Prometheus metrics of the `api` process. Names follow the seeds (`participants_*`).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry,
 };
 
 #[derive(Clone)]
@@ -18,6 +19,10 @@ pub struct Metrics {
     pub refresh_waits: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub read_model_age: Gauge,
+    pub read_model_chats: IntGauge,
+    pub read_model_rows: IntCounterVec,
+    pub read_model_failures: IntCounter,
 }
 
 impl Metrics {
@@ -118,6 +123,41 @@ impl Metrics {
         registry
             .register(Box::new(http_duration.clone()))
             .expect("metric registers once");
+        let read_model_age = Gauge::new(
+            "participants_read_model_age_seconds",
+            "Seconds since the in-memory chats were last known to match Postgres (-1 before the first load)",
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(read_model_age.clone()))
+            .expect("metric registers once");
+        read_model_age.set(-1.0);
+        let read_model_chats = IntGauge::new(
+            "participants_read_model_chats",
+            "Chats held in the api's in-memory read model",
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(read_model_chats.clone()))
+            .expect("metric registers once");
+        let read_model_rows = IntCounterVec::new(
+            Opts::new(
+                "participants_read_model_rows_loaded_total",
+                "Chat rows loaded into the read model, by why: full_load, notified, reconciled",
+            ),
+            &["reason"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(read_model_rows.clone()))
+            .expect("metric registers once");
+        for reason in ["full_load", "notified", "reconciled"] {
+            read_model_rows.with_label_values(&[reason]);
+        }
+        let read_model_failures = counter(
+            "participants_read_model_sync_failures_total",
+            "Times the read model lost or could not reach Postgres (it keeps serving what it holds)",
+        );
         for priority in ["lazy", "manual"] {
             refresh_enqueued.with_label_values(&[priority]);
         }
@@ -137,6 +177,10 @@ impl Metrics {
             refresh_waits,
             http_requests,
             http_duration,
+            read_model_age,
+            read_model_chats,
+            read_model_rows,
+            read_model_failures,
         }
     }
 

@@ -3,32 +3,38 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::FromRef;
 use sqlx::PgPool;
 
 use crate::auth::TokenVerifier;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
-use crate::participants::Freshness;
+use crate::read_path::ReadPath;
 use crate::waiters::RefreshWaiters;
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
     pub cache: Arc<Cache>,
+    pub reads: Arc<ReadPath>,
     pub tokens: TokenVerifier,
     pub metrics: Metrics,
     pub waiters: RefreshWaiters,
     pub settings: Arc<Settings>,
 }
 
+impl FromRef<AppState> for TokenVerifier {
+    fn from_ref(state: &AppState) -> Self {
+        state.tokens.clone()
+    }
+}
+
 /// The serving settings handlers read.
 #[derive(Debug)]
 pub struct Settings {
-    pub freshness: Freshness,
     /// Read counts from Redis and enqueue refreshes; false under PARTICIPANTS_INTEGRATION_DISABLED.
     pub integration_enabled: bool,
     pub refresh_wait: Duration,
-    pub refresh_dedup_ttl: Duration,
     /// Replicas that must hold a manual refresh request before it is acknowledged.
     pub redis_wait_replicas: u32,
     pub request_timeout: Duration,

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Principal;
-use crate::chats;
 use crate::error::{ApiError, ErrorBody};
+use crate::postgres;
 use crate::state::AppState;
 
 const DEFAULT_SAMPLE: i64 = 100;
@@ -124,10 +124,10 @@ pub async fn validate_participants(
             .map_err(|_| ApiError::BadRequest("sample_size must be an integer".to_owned()))?
             .clamp(1, MAX_SAMPLE),
     };
-    let sample = chats::sample_sync_state(&state.db, sample_size).await?;
+    let sample = postgres::sample_sync_state(&state.db, sample_size).await?;
     let ids: Vec<i32> = sample.iter().map(|row| row.chat_id).collect();
     let cached = state.cache.read_counts(&ids).await.ok();
-    let ttl = state.settings.freshness.cache_ttl;
+    let ttl = state.reads.freshness.cache_ttl;
     let now = Utc::now();
     let mut report = ValidationReport {
         sample_size,

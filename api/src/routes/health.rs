@@ -10,7 +10,7 @@ use serde::Serialize;
 use shared::keys::status;
 use utoipa::ToSchema;
 
-use crate::chats;
+use crate::postgres;
 use crate::state::AppState;
 
 /// A syncd replica whose heartbeat is older than this is not counted as alive.
@@ -51,12 +51,34 @@ pub struct SyncdStatus {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+pub struct ReadModelStatus {
+    /// loaded, or loading (reads answer 503 until the first load)
+    pub status: &'static str,
+    /// Chats held in memory
+    pub chats: usize,
+    /// Seconds since the chats were last known to match Postgres; null before the first load
+    pub age_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DetailedHealth {
     /// ok (all up), degraded (serving, something is down), or unavailable (Postgres is down)
     pub status: &'static str,
     pub database: DependencyStatus,
     pub redis: DependencyStatus,
     pub syncd: SyncdStatus,
+    /// The in-memory chats reads are served from
+    pub read_model: ReadModelStatus,
+}
+
+fn read_model_status(state: &AppState) -> ReadModelStatus {
+    let model = &state.reads.model;
+    let age = model.age();
+    ReadModelStatus {
+        status: if age.is_some() { "loaded" } else { "loading" },
+        chats: model.n_chats(),
+        age_seconds: age.map(|age| age.as_secs_f64()),
+    }
 }
 
 fn millis(text: Option<&String>) -> Option<DateTime<Utc>> {
@@ -105,13 +127,16 @@ async fn syncd_status(state: &AppState) -> SyncdStatus {
     ))]
 pub async fn health_detailed(State(state): State<AppState>) -> (StatusCode, Json<DetailedHealth>) {
     let database_up = matches!(
-        tokio::time::timeout(DATABASE_CHECK_TIMEOUT, chats::ping(&state.db)).await,
+        tokio::time::timeout(DATABASE_CHECK_TIMEOUT, postgres::ping(&state.db)).await,
         Ok(Ok(()))
     );
     let redis = redis_status(&state).await;
     let syncd = syncd_status(&state).await;
-    let all_up =
-        database_up && redis == "up" && syncd.status == "up" && syncd.max_token != "invalid";
+    let all_up = state.reads.model.is_loaded()
+        && database_up
+        && redis == "up"
+        && syncd.status == "up"
+        && syncd.max_token != "invalid";
     let (code, status) = match (database_up, all_up) {
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         (true, true) => (StatusCode::OK, "ok"),
@@ -126,6 +151,7 @@ pub async fn health_detailed(State(state): State<AppState>) -> (StatusCode, Json
             },
             redis: DependencyStatus { status: redis },
             syncd,
+            read_model: read_model_status(&state),
         }),
     )
 }
@@ -154,4 +180,22 @@ pub async fn health_redis(State(state): State<AppState>) -> (StatusCode, Json<De
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(DependencyStatus { status }))
+}
+
+/// Readiness: 200 once the chats have loaded, and from then on, Postgres down or not (reads are
+/// served from memory, so a Postgres outage must not pull every replica out of the load
+/// balancer); 503 before the first load.
+#[utoipa::path(get, path = "/health/ready", tag = "health",
+    responses(
+        (status = 200, description = "The api serves reads", body = ReadModelStatus),
+        (status = 503, description = "The chats have not loaded yet", body = ReadModelStatus),
+    ))]
+pub async fn health_ready(State(state): State<AppState>) -> (StatusCode, Json<ReadModelStatus>) {
+    let status = read_model_status(&state);
+    let code = if state.reads.model.is_loaded() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(status))
 }

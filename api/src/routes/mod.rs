@@ -15,8 +15,8 @@ use crate::state::AppState;
 
 pub mod admin;
 pub mod chats;
-pub mod docs;
 pub mod health;
+pub mod meta;
 
 /// Every route of the api.
 pub fn router(state: AppState) -> Router {
@@ -38,8 +38,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/health/detailed", get(health::health_detailed))
         .route("/health/redis", get(health::health_redis))
-        .route("/metrics", get(docs::metrics))
-        .route("/openapi.json", get(docs::openapi_json))
+        .route("/health/ready", get(health::health_ready))
+        .route("/metrics", get(meta::metrics))
+        .route("/openapi.json", get(meta::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))

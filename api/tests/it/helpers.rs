@@ -60,6 +60,15 @@ impl TestApp {
 
     /// Like `spawn`, with settings changed by `configure` before the api starts.
     pub async fn spawn_with(configure: impl FnOnce(&mut ServeArgs)) -> Self {
+        Self::spawn_on(None, configure).await
+    }
+
+    /// Like `spawn_with`, on a database of its own made by `create database <name> <options>`
+    /// (e.g. with another collation), instead of the server's default database.
+    pub async fn spawn_on(
+        database: Option<(&str, &str)>,
+        configure: impl FnOnce(&mut ServeArgs),
+    ) -> Self {
         let _ = shared::telemetry::init(
             &shared::config::LogArgs {
                 log_format: "text".into(),
@@ -71,13 +80,20 @@ impl TestApp {
         let pg = PgServer::start();
         let redis = RedisServer::start();
         let mut args = serve_args(&pg, &redis.url());
+        let url = match database {
+            Some((name, options)) => {
+                pg.psql("postgres", &format!("create database {name} {options}"));
+                let url = pg.database_url(name);
+                args.database.database_url = url.clone().into();
+                url
+            }
+            None => pg.url(),
+        };
         configure(&mut args);
         api::migrate(&args.database)
             .await
             .expect("migrations apply");
-        let db = PgPool::connect(&pg.url())
-            .await
-            .expect("test pool connects");
+        let db = PgPool::connect(&url).await.expect("test pool connects");
         let mut app = Self {
             address: "127.0.0.1:0".parse().unwrap(),
             http: reqwest::Client::builder()
@@ -104,8 +120,80 @@ impl TestApp {
             let _ = rx.await;
         })));
         self.shutdown = Some(tx);
+        self.wait_until_ready().await;
         if !self.args.redis.disable_redis && !self.args.participants_integration_disabled {
             self.wait_for_redis_in_use().await;
+        }
+    }
+
+    /// Waits until the api has loaded its read model (`/health/ready` answers 200).
+    pub async fn wait_until_ready(&self) {
+        eventually(Duration::from_secs(20), || async {
+            self.get("/health/ready", None).await.status() == 200
+        })
+        .await;
+    }
+
+    /// Waits until the api serves what Postgres holds: every chat's id, name and `updated_at`
+    /// (the legacy trigger stamps it on every update), page by page in id order. The read model
+    /// follows Postgres within about a second; tests call this after writing behind its back.
+    /// Returns at once if Postgres does not answer (a fault test has stopped it). Its reads are
+    /// reads like any other: they enqueue lazy refreshes of stale counts.
+    pub async fn settle(&self) {
+        type Row = (i64, String, Option<chrono::DateTime<chrono::Utc>>);
+        let started = std::time::Instant::now();
+        loop {
+            let Ok(expected) = sqlx::query_as::<
+                _,
+                (i32, String, Option<chrono::DateTime<chrono::Utc>>),
+            >("select id, name, updated_at from chats order by id")
+            .fetch_all(&self.db)
+            .await
+            else {
+                return;
+            };
+            let expected: Vec<Row> = expected
+                .into_iter()
+                .map(|(id, name, at)| (i64::from(id), name, at))
+                .collect();
+            let mut served: Vec<Row> = Vec::new();
+            let mut complete = true;
+            let mut offset = 0;
+            loop {
+                let response = self
+                    .get(
+                        &format!("/chats/all?sort_by=id&limit=100&offset={offset}"),
+                        Some(&self.admin()),
+                    )
+                    .await;
+                if response.status() != 200 {
+                    complete = false;
+                    break;
+                }
+                let page: Json = response.json().await.expect("JSON body");
+                let data = page["data"].as_array().expect("data is an array");
+                for chat in data {
+                    served.push((
+                        chat["id"].as_i64().unwrap(),
+                        chat["name"].as_str().unwrap().to_owned(),
+                        chat["updated_at"]
+                            .as_str()
+                            .map(|at| at.parse().expect("updated_at is RFC 3339")),
+                    ));
+                }
+                if data.len() < 100 {
+                    break;
+                }
+                offset += 100;
+            }
+            if complete && served == expected {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the api did not catch up with postgres within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -186,8 +274,15 @@ impl TestApp {
         .await;
     }
 
-    /// Inserts a chat and returns its id.
+    /// Inserts a chat, waits until the api serves it, and returns its id.
     pub async fn insert_chat(&self, chat: NewChat<'_>) -> i32 {
+        let id = self.insert_chat_unsettled(chat).await;
+        self.settle().await;
+        id
+    }
+
+    /// Inserts a chat and returns its id, without waiting for the api to see it.
+    pub async fn insert_chat_unsettled(&self, chat: NewChat<'_>) -> i32 {
         sqlx::query_scalar(
             "insert into chats (name, url, max_chat_id, participants_count, university_id, department, source) \
              values ($1, $2, $3, $4, $5, $6, $7) returning id",
@@ -211,7 +306,7 @@ impl TestApp {
             let name = format!("chat {i:04}");
             let max_id = format!("-7{:013}", i + 1);
             ids.push(
-                self.insert_chat(NewChat {
+                self.insert_chat_unsettled(NewChat {
                     name: &name,
                     max_chat_id: Some(&max_id),
                     participants_count: i,
@@ -221,6 +316,7 @@ impl TestApp {
                 .await,
             );
         }
+        self.settle().await;
         ids
     }
 
@@ -244,6 +340,7 @@ impl TestApp {
             .execute(&self.db)
             .await
             .unwrap();
+        self.settle().await;
     }
 
     /// Length of a refresh stream.

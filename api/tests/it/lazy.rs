@@ -83,8 +83,9 @@ async fn a_hot_stale_chat_is_enqueued_once_not_once_per_read() {
 #[tokio::test]
 async fn fresh_cached_counts_are_served_and_not_enqueued() {
     let app = TestApp::spawn().await;
+    // Cached before the api serves the chat, so that no read finds it stale.
     let id = app
-        .insert_chat(NewChat {
+        .insert_chat_unsettled(NewChat {
             participants_count: 3,
             ..NewChat::default()
         })
@@ -104,6 +105,7 @@ async fn fresh_cached_counts_are_served_and_not_enqueued() {
     )
     .await
     .unwrap();
+    app.settle().await;
     let chat = &app.get_json("/chats/all").await["data"][0];
     assert_eq!(chat["participants_count"], 40);
     assert_eq!(chat["participants_source"], "cache");

@@ -312,12 +312,14 @@ async fn totals_follow_inserts_deletes_and_moves_between_universities() {
         .execute(&app.db)
         .await
         .unwrap();
+    app.settle().await;
     assert_eq!(total(app.admin()).await, 7);
     assert_eq!(total(curator.clone()).await, 3);
     sqlx::query("truncate chats cascade")
         .execute(&app.db)
         .await
         .unwrap();
+    app.settle().await;
     assert_eq!(total(app.admin()).await, 0);
 }
 

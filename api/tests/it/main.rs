@@ -9,4 +9,5 @@ mod lazy;
 mod list;
 mod meta;
 mod migrations;
+mod read_model;
 mod schemathesis;

@@ -72,9 +72,10 @@ async fn migrate_keeps_every_legacy_row_and_only_adds() {
         ),
         "t"
     );
+    // The legacy updated_at trigger, chat_totals' three, and the read model's two notifiers.
     assert_eq!(
         pg.psql("chat_service", "select count(*) from pg_trigger where tgrelid = 'chats'::regclass and not tgisinternal"),
-        "4"
+        "6"
     );
     // New columns and tables exist, and the legacy service's inserts keep working.
     pg.psql(

@@ -1,4 +1,5 @@
-//! `/metrics` and `/openapi.json`, the latter generated from the handlers' annotations.
+//! The endpoints about the api itself: `/metrics`, and `/openapi.json` generated from the
+//! handlers' annotations.
 
 use axum::extract::State;
 use axum::http::header;
@@ -21,6 +22,7 @@ use crate::state::AppState;
         super::health::health,
         super::health::health_detailed,
         super::health::health_redis,
+        super::health::health_ready,
         metrics,
         openapi_json,
     ),
@@ -55,7 +57,15 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        {
+            let age = state
+                .reads
+                .model
+                .age()
+                .map_or(-1.0, |age| age.as_secs_f64());
+            state.metrics.read_model_age.set(age);
+            state.metrics.render()
+        },
     )
 }
 

@@ -5,42 +5,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use shared::counts::{age, CachedCount};
 use shared::ids::MaxChatId;
-use utoipa::ToSchema;
 
-use crate::chats::ChatRow;
-
-/// Where a served count came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ParticipantsSource {
-    Cache,
-    Database,
-}
-
-/// A chat as the legacy `GET /chats/all` returned it, plus where its count came from.
-#[derive(Clone, Debug, Serialize, ToSchema)]
-pub struct ChatView {
-    pub id: i32,
-    pub name: String,
-    pub url: String,
-    pub max_chat_id: Option<String>,
-    pub external_chat_id: Option<String>,
-    pub participants_count: i32,
-    pub university_id: Option<i32>,
-    pub department: Option<String>,
-    /// admin_panel, bot_registrar or academic_group
-    pub source: String,
-    pub created_at: Option<DateTime<Utc>>,
-    pub updated_at: Option<DateTime<Utc>>,
-    pub participants_source: ParticipantsSource,
-    /// When MAX was asked for this count; null if it never was
-    pub participants_updated_at: Option<DateTime<Utc>>,
-    /// True when the count is older than the stale threshold or was never refreshed
-    pub participants_stale: bool,
-}
+use super::view::{ChatView, ParticipantsSource};
+use crate::read_model::ChatRecord;
 
 /// The knobs of the choice.
 #[derive(Clone, Copy, Debug)]
@@ -66,7 +35,7 @@ pub struct Enriched {
 }
 
 /// Whether syncd would ask MAX about this chat at all.
-fn refreshable(row: &ChatRow) -> bool {
+fn refreshable(row: &ChatRecord) -> bool {
     let valid_id = row
         .max_chat_id
         .as_deref()
@@ -78,7 +47,7 @@ fn refreshable(row: &ChatRow) -> bool {
 /// Chooses each row's count. `cached` is `None` when Redis was not consulted (down, disabled,
 /// or the integration is off): every count then comes from Postgres.
 pub fn enrich(
-    rows: Vec<ChatRow>,
+    rows: Vec<ChatRecord>,
     cached: Option<&HashMap<i32, CachedCount>>,
     now: DateTime<Utc>,
     freshness: Freshness,
@@ -148,8 +117,8 @@ mod tests {
         max_chat_id: Option<&str>,
         count: i32,
         synced: Option<DateTime<Utc>>,
-    ) -> ChatRow {
-        ChatRow {
+    ) -> ChatRecord {
+        ChatRecord {
             id,
             name: format!("chat {id}"),
             url: String::new(),

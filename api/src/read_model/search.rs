@@ -1,0 +1,287 @@
+//! Search words against the chats' lowered search texts: a byte-trigram index for words that
+//! have a selective trigram, a scan otherwise, and a small cache of recent words' matches.
+//!
+//! Postgres' `ilike` on a multibyte database lowers both sides with `lower()` and then matches
+//! bytes. The documents are lowered by Postgres when they are loaded, and a word is lowered
+//! with the database's own character map (`Lowercase`), so a word matches here exactly when
+//! `document ilike '%word%'` (with `%`, `_` and `\` escaped) is true there.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use memchr::memmem;
+
+/// A trigram that occurs in more than this share of the chats is not indexed: its posting list
+/// would cost more memory than it saves work, and a word made only of such trigrams is common
+/// anyway, so a scan finds it about as fast.
+const MAX_INDEXED_SHARE: usize = 5; // one in five
+/// Most recent words whose matches are kept.
+const CACHED_WORDS: usize = 512;
+
+/// The database's lowercase map: only the characters `lower()` changes.
+#[derive(Debug, Default)]
+pub struct Lowercase {
+    changed: HashMap<char, Box<str>>,
+}
+
+impl Lowercase {
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        let changed = pairs
+            .into_iter()
+            .filter_map(|(from, to)| {
+                let mut chars = from.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(c), None) => Some((c, to.into_boxed_str())),
+                    _ => None,
+                }
+            })
+            .collect();
+        Self { changed }
+    }
+
+    pub fn lower(&self, word: &str) -> String {
+        let mut out = String::with_capacity(word.len());
+        for c in word.chars() {
+            match self.changed.get(&c) {
+                Some(lowered) => out.push_str(lowered),
+                None => out.push(c),
+            }
+        }
+        out
+    }
+}
+
+fn trigram(window: &[u8]) -> u32 {
+    (u32::from(window[0]) << 16) | (u32::from(window[1]) << 8) | u32::from(window[2])
+}
+
+/// The distinct byte trigrams of a text, sorted.
+fn trigrams(text: &[u8]) -> Vec<u32> {
+    let mut grams: Vec<u32> = text.windows(3).map(trigram).collect();
+    grams.sort_unstable();
+    grams.dedup();
+    grams
+}
+
+/// Posting lists (slots, ascending) of the selective trigrams of every live document.
+#[derive(Debug, Default)]
+pub struct TrigramIndex {
+    postings: HashMap<u32, Vec<u32>>,
+    /// Trigrams too common to index; fixed between full builds.
+    common: std::collections::HashSet<u32>,
+}
+
+impl TrigramIndex {
+    /// Builds the index over `documents` (slot, text); `n_live` is the number of chats.
+    pub fn build<'a>(
+        documents: impl Iterator<Item = (u32, &'a str)> + Clone,
+        n_live: usize,
+    ) -> Self {
+        let mut frequency: HashMap<u32, usize> = HashMap::new();
+        for (_, text) in documents.clone() {
+            for gram in trigrams(text.as_bytes()) {
+                *frequency.entry(gram).or_default() += 1;
+            }
+        }
+        let limit = (n_live / MAX_INDEXED_SHARE).max(64);
+        let mut postings: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut common = std::collections::HashSet::new();
+        for (gram, n) in &frequency {
+            if *n > limit {
+                common.insert(*gram);
+            } else {
+                postings.insert(*gram, Vec::with_capacity(*n));
+            }
+        }
+        drop(frequency);
+        for (slot, text) in documents {
+            for gram in trigrams(text.as_bytes()) {
+                if let Some(list) = postings.get_mut(&gram) {
+                    list.push(slot);
+                }
+            }
+        }
+        // Slots arrive in ascending order, so every list is sorted already.
+        Self { postings, common }
+    }
+
+    pub fn remove(&mut self, slot: u32, text: &str) {
+        for gram in trigrams(text.as_bytes()) {
+            if let Some(list) = self.postings.get_mut(&gram) {
+                if let Ok(at) = list.binary_search(&slot) {
+                    list.remove(at);
+                }
+            }
+        }
+    }
+
+    pub fn insert(&mut self, slot: u32, text: &str) {
+        for gram in trigrams(text.as_bytes()) {
+            if self.common.contains(&gram) {
+                continue;
+            }
+            let list = self.postings.entry(gram).or_default();
+            if let Err(at) = list.binary_search(&slot) {
+                list.insert(at, slot);
+            }
+        }
+    }
+
+    /// The candidate slots of a lowered word: `None` when no trigram of it is indexed (the
+    /// caller must scan), otherwise a superset of the matching slots, ascending.
+    fn candidates(&self, word: &[u8]) -> Option<Vec<u32>> {
+        if word.len() < 3 {
+            return None;
+        }
+        let mut lists: Vec<&Vec<u32>> = Vec::new();
+        for gram in trigrams(word) {
+            if self.common.contains(&gram) {
+                continue;
+            }
+            match self.postings.get(&gram) {
+                Some(list) => lists.push(list),
+                // A selective trigram no document has: nothing can match.
+                None => return Some(Vec::new()),
+            }
+        }
+        if lists.is_empty() {
+            return None;
+        }
+        lists.sort_by_key(|list| list.len());
+        let mut candidates = lists[0].clone();
+        for list in &lists[1..] {
+            if candidates.is_empty() {
+                break;
+            }
+            candidates = intersect(&candidates, list);
+        }
+        Some(candidates)
+    }
+}
+
+/// The common elements of two ascending lists.
+pub fn intersect(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    let mut out = Vec::with_capacity(small.len());
+    // Galloping through the larger list keeps a rare word against a common one cheap.
+    let mut from = 0;
+    for &x in small {
+        match large[from..].binary_search(&x) {
+            Ok(at) => {
+                out.push(x);
+                from += at + 1;
+            }
+            Err(at) => from += at,
+        }
+        if from >= large.len() {
+            break;
+        }
+    }
+    out
+}
+
+/// Recent words' matching slots, valid for one generation of the documents.
+#[derive(Debug, Default)]
+pub struct MatchCache {
+    entries: Mutex<HashMap<String, Arc<Vec<u32>>>>,
+}
+
+impl MatchCache {
+    pub fn get(&self, word: &str) -> Option<Arc<Vec<u32>>> {
+        self.entries.lock().expect("cache lock").get(word).cloned()
+    }
+
+    pub fn put(&self, word: String, slots: Arc<Vec<u32>>) {
+        let mut entries = self.entries.lock().expect("cache lock");
+        if entries.len() >= CACHED_WORDS {
+            entries.clear();
+        }
+        entries.insert(word, slots);
+    }
+
+    pub fn clear(&self) {
+        self.entries.lock().expect("cache lock").clear();
+    }
+}
+
+/// The slots (ascending) whose document contains the lowered `word`.
+pub fn matching<'a>(
+    index: &TrigramIndex,
+    word: &str,
+    document: impl Fn(u32) -> Option<&'a str>,
+    all_slots: impl Iterator<Item = u32>,
+) -> Vec<u32> {
+    let finder = memmem::Finder::new(word.as_bytes());
+    let contains =
+        |slot: u32| document(slot).is_some_and(|text| finder.find(text.as_bytes()).is_some());
+    match index.candidates(word.as_bytes()) {
+        Some(candidates) => candidates
+            .into_iter()
+            .filter(|slot| contains(*slot))
+            .collect(),
+        None => all_slots.filter(|slot| contains(*slot)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs() -> Vec<&'static str> {
+        vec![
+            "физика 2021 группа 7 физфак -70000000000007 admin_panel",
+            "математика 2020 группа 12 мехмат -70000000000012 bot_registrar",
+            "история 2021 группа 120  -70000000000120 academic_group",
+            "50% скидка   admin_panel",
+        ]
+    }
+
+    fn search(word: &str) -> Vec<u32> {
+        let documents = docs();
+        let index = TrigramIndex::build(
+            documents.iter().enumerate().map(|(i, d)| (i as u32, *d)),
+            documents.len(),
+        );
+        matching(
+            &index,
+            word,
+            |slot| documents.get(slot as usize).copied(),
+            0..documents.len() as u32,
+        )
+    }
+
+    #[test]
+    fn words_match_as_substrings_of_any_column() {
+        assert_eq!(search("физ"), vec![0]);
+        assert_eq!(search("группа"), vec![0, 1, 2]);
+        assert_eq!(search("12"), vec![1, 2]);
+        assert_eq!(search("120"), vec![2]);
+        assert_eq!(search("50%"), vec![3]);
+        assert_eq!(search("_panel"), vec![0, 3]);
+        assert_eq!(search("химия"), Vec::<u32>::new());
+        assert_eq!(search("a"), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn an_index_keeps_up_with_changed_documents() {
+        let mut index = TrigramIndex::build([(0u32, "abc def")].into_iter(), 1);
+        index.insert(1, "xyz abc");
+        index.remove(0, "abc def");
+        let documents = ["", "xyz abc"];
+        let found = matching(&index, "abc", |s| documents.get(s as usize).copied(), 0..2);
+        assert_eq!(found, vec![1]);
+    }
+
+    #[test]
+    fn intersection_keeps_common_elements_in_order() {
+        assert_eq!(intersect(&[1, 3, 5, 7], &[2, 3, 4, 7, 9]), vec![3, 7]);
+        assert_eq!(intersect(&[], &[1]), Vec::<u32>::new());
+        assert_eq!(intersect(&[9], &[1, 2, 9]), vec![9]);
+    }
+
+    #[test]
+    fn lowering_uses_only_the_databases_map() {
+        let map = Lowercase::from_pairs(vec![("Ф".into(), "ф".into()), ("A".into(), "a".into())]);
+        assert_eq!(map.lower("ФAБ"), "фaБ");
+    }
+}

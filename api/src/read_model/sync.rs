@@ -1,0 +1,286 @@
+//! Keeping the read model in step with Postgres: a full load at start-up, then the changed ids
+//! that the triggers notify (gathered for a moment and reloaded from one snapshot), a heartbeat
+//! on the listening connection while idle, and a periodic reconciliation of row versions that
+//! heals whatever a lost notification or a reconnect missed.
+//!
+//! Postgres going away never empties the model: reads go on from what was loaded, the model's
+//! age grows (it is exported), and the loop reconnects with backoff and reconciles.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::postgres::{self, CHANGES_CHANNEL, RELOAD_ALL};
+use super::search::Lowercase;
+use super::{Delta, Model, ReadModel};
+use crate::metrics::Metrics;
+use crate::read_path::query::SortColumn;
+
+/// How long notifications are gathered before the rows they name are reloaded together.
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// An idle listener proves its connection (and so the model's currency) this often.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// More changed ids than this in one batch are cheaper to take with a full load.
+const MAX_BATCH_IDS: usize = 50_000;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Keeps `model` current until `cancel` fires.
+pub async fn run(
+    model: Arc<ReadModel>,
+    pool: PgPool,
+    reconcile_every: Duration,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut failing = false;
+    loop {
+        let syncer = Syncer {
+            model: &model,
+            pool: &pool,
+            metrics: &metrics,
+        };
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            result = syncer.session(reconcile_every, &mut failing) => result,
+        };
+        if let Err(error) = result {
+            metrics.read_model_failures.inc();
+            if !failing {
+                failing = true;
+                if model.is_loaded() {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        chats = model.n_chats(),
+                        "read model lost postgres; serving the chats loaded last until it returns"
+                    );
+                } else {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "read model cannot load from postgres; reads answer 503 until it can"
+                    );
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+struct Syncer<'a> {
+    model: &'a ReadModel,
+    pool: &'a PgPool,
+    metrics: &'a Metrics,
+}
+
+/// Changed ids gathered from notifications.
+#[derive(Default)]
+struct Batch {
+    ids: HashSet<i32>,
+    reload_all: bool,
+}
+
+impl Batch {
+    fn add(&mut self, payload: &str) {
+        if payload == RELOAD_ALL {
+            self.reload_all = true;
+        } else if let Ok(id) = payload.parse() {
+            self.ids.insert(id);
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.reload_all || self.ids.len() > MAX_BATCH_IDS
+    }
+}
+
+impl Syncer<'_> {
+    /// One connection's life: listen, catch up (full load or reconcile), then follow changes.
+    /// Returns only with an error; the caller retries.
+    async fn session(&self, reconcile_every: Duration, failing: &mut bool) -> anyhow::Result<()> {
+        let mut listener = PgListener::connect_with(self.pool)
+            .await
+            .context("cannot open the notification connection")?;
+        listener
+            .listen(CHANGES_CHANNEL)
+            .await
+            .context("cannot listen for chat changes")?;
+        // Listening starts before catching up, so nothing committed in between is missed.
+        if self.model.is_loaded() {
+            self.reconcile().await?;
+        } else {
+            self.full_load().await?;
+        }
+        if std::mem::take(failing) {
+            tracing::info!(
+                chats = self.model.n_chats(),
+                "read model in step with postgres again"
+            );
+        }
+        let mut next_reconcile = Instant::now() + reconcile_every;
+        loop {
+            match tokio::time::timeout(HEARTBEAT, listener.try_recv()).await {
+                Ok(received) => {
+                    let first = received
+                        .context("notification connection failed")?
+                        .context("notification connection lost")?;
+                    let mut batch = Batch::default();
+                    batch.add(first.payload());
+                    let gather_until = tokio::time::Instant::now() + BATCH_WINDOW;
+                    while !batch.is_full() {
+                        match tokio::time::timeout_at(gather_until, listener.try_recv()).await {
+                            Ok(received) => batch.add(
+                                received
+                                    .context("notification connection failed")?
+                                    .context("notification connection lost")?
+                                    .payload(),
+                            ),
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.is_full() {
+                        self.full_load().await?;
+                    } else {
+                        let ids: Vec<i32> = batch.ids.into_iter().collect();
+                        self.reload(&ids, "notified").await?;
+                    }
+                }
+                Err(_) => {
+                    sqlx::query("select 1")
+                        .execute(&mut listener)
+                        .await
+                        .context("notification connection does not answer")?;
+                }
+            }
+            // Every notification committed before this point has been applied.
+            self.model.mark_synced();
+            if Instant::now() >= next_reconcile {
+                self.reconcile().await?;
+                next_reconcile = Instant::now() + reconcile_every;
+            }
+        }
+    }
+
+    /// Loads every chat from one snapshot and replaces the model.
+    async fn full_load(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut tx = postgres::snapshot(self.pool)
+            .await
+            .context("cannot start a load")?;
+        let lowercase = Lowercase::from_pairs(
+            postgres::lowercase_map(&mut tx)
+                .await
+                .context("cannot read the database's lowercase map")?,
+        );
+        let mut rows = Vec::new();
+        postgres::load_all(&mut tx, |row| rows.push(row))
+            .await
+            .context("cannot load chats")?;
+        let mut text_orders = Vec::new();
+        for column in SortColumn::ALL.into_iter().filter(|c| c.is_text()) {
+            let ids = postgres::text_order(&mut tx, column)
+                .await
+                .context("cannot load a sort order")?;
+            text_orders.push((column, ids));
+        }
+        tx.commit().await.context("cannot finish a load")?;
+        let n_rows = rows.len();
+        let model = tokio::task::spawn_blocking(move || Model::build(rows, text_orders, lowercase))
+            .await
+            .context("building the read model panicked")?;
+        self.model.replace(model);
+        self.metrics
+            .read_model_rows
+            .with_label_values(&["full_load"])
+            .inc_by(n_rows as u64);
+        self.metrics.read_model_chats.set(n_rows as i64);
+        tracing::info!(
+            chats = n_rows,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "read model loaded"
+        );
+        Ok(())
+    }
+
+    /// Reloads the named chats (and the text orders they change) from one snapshot.
+    async fn reload(&self, ids: &[i32], reason: &'static str) -> anyhow::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tx = postgres::snapshot(self.pool)
+            .await
+            .context("cannot start a reload")?;
+        let rows = postgres::load_ids(&mut tx, ids)
+            .await
+            .context("cannot reload changed chats")?;
+        let found: HashSet<i32> = rows.iter().map(|row| row.record.id).collect();
+        let deleted = ids
+            .iter()
+            .copied()
+            .filter(|id| !found.contains(id))
+            .collect();
+        let mut text_orders = Vec::new();
+        for column in self.model.text_columns_changed_by(&rows) {
+            let order = postgres::text_order(&mut tx, column)
+                .await
+                .context("cannot reload a sort order")?;
+            text_orders.push((column, order));
+        }
+        tx.commit().await.context("cannot finish a reload")?;
+        self.model.apply(Delta {
+            rows,
+            deleted,
+            text_orders,
+        });
+        self.metrics
+            .read_model_rows
+            .with_label_values(&[reason])
+            .inc_by(ids.len() as u64);
+        self.metrics
+            .read_model_chats
+            .set(self.model.n_chats() as i64);
+        Ok(())
+    }
+
+    /// Compares every row's version with Postgres and reloads the ones that differ.
+    async fn reconcile(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut conn = self.pool.acquire().await.context("cannot reconcile")?;
+        let theirs = postgres::versions(&mut conn)
+            .await
+            .context("cannot read row versions")?;
+        drop(conn);
+        let mut ours = self.model.versions();
+        let mut differing = Vec::new();
+        for row in theirs {
+            match ours.remove(&row.id) {
+                Some(version) if version == row.version => {}
+                _ => differing.push(row.id),
+            }
+        }
+        // What is left of ours no longer exists in Postgres.
+        differing.extend(ours.into_keys());
+        if !differing.is_empty() {
+            tracing::info!(
+                chats = differing.len(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                "read model reconciliation reloads chats that changed unnoticed"
+            );
+            if differing.len() > MAX_BATCH_IDS {
+                return self.full_load().await;
+            }
+            self.reload(&differing, "reconciled").await?;
+        }
+        self.model.mark_synced();
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! The read path: a page or a chat chosen from the read model, each count taken from Redis when
+//! it has a fresh one (else from the model), and stale counts enqueued for syncd in the
+//! background. Handlers only parse and answer; every policy of a read lives here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use shared::refresh::Priority;
+
+pub mod counts;
+pub mod query;
+pub mod view;
+
+use counts::{enrich, Freshness};
+use query::ListQuery;
+use view::{ChatPage, ChatView};
+
+use crate::cache::Cache;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::read_model::{ChatRecord, ReadModel};
+use crate::scope::Scope;
+
+/// What a read answers, and how old the read model behind it is.
+#[derive(Debug)]
+pub struct Served<T> {
+    pub body: T,
+    /// How long ago the model was last known to match Postgres.
+    pub model_age: Duration,
+}
+
+/// Everything a read needs.
+pub struct ReadPath {
+    pub model: Arc<ReadModel>,
+    pub cache: Arc<Cache>,
+    pub metrics: Metrics,
+    pub freshness: Freshness,
+    /// Read counts from Redis and enqueue refreshes; false under PARTICIPANTS_INTEGRATION_DISABLED.
+    pub integration_enabled: bool,
+    pub refresh_dedup_ttl: Duration,
+}
+
+impl ReadPath {
+    fn model_age(&self) -> Result<Duration, ApiError> {
+        self.model.age().ok_or(ApiError::Loading)
+    }
+
+    /// A page of chats in `scope`.
+    pub async fn list(
+        &self,
+        scope: Scope,
+        query: &ListQuery,
+    ) -> Result<Served<ChatPage>, ApiError> {
+        let selection = self.model.page(scope, query).ok_or(ApiError::Loading)?;
+        let model_age = self.model_age()?;
+        let total = i64::try_from(selection.total).unwrap_or(i64::MAX);
+        let data = self.present(selection.chats).await;
+        Ok(Served {
+            body: ChatPage {
+                data,
+                total,
+                limit: query.limit,
+                offset: query.offset,
+                total_pages: query.total_pages(total),
+            },
+            model_age,
+        })
+    }
+
+    /// One chat, if it exists and lies in `scope`.
+    pub fn find(&self, scope: Scope, id: i32) -> Result<ChatRecord, ApiError> {
+        self.model
+            .get(scope, id)
+            .ok_or(ApiError::Loading)?
+            .ok_or(ApiError::NotFound("chat"))
+    }
+
+    /// One chat in the shape of the list.
+    pub async fn get(&self, scope: Scope, id: i32) -> Result<Served<ChatView>, ApiError> {
+        let record = self.find(scope, id)?;
+        let model_age = self.model_age()?;
+        let mut chats = self.present(vec![record]).await;
+        Ok(Served {
+            body: chats.remove(0),
+            model_age,
+        })
+    }
+
+    /// Turns records into the response shape: counts from Redis when it has them (one round
+    /// trip), from the model otherwise, and stale ones enqueued in the background.
+    async fn present(&self, records: Vec<ChatRecord>) -> Vec<ChatView> {
+        let use_redis = self.integration_enabled && self.cache.is_enabled();
+        let cached = if use_redis && !records.is_empty() {
+            let ids: Vec<i32> = records.iter().map(|record| record.id).collect();
+            match self.cache.read_counts(&ids).await {
+                Ok(found) => Some(found),
+                Err(_) => {
+                    self.metrics.fallback_usage.inc();
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let freshness = Freshness {
+            lazy_update: self.freshness.lazy_update && use_redis && self.cache.is_available(),
+            ..self.freshness
+        };
+        let enriched = enrich(records, cached.as_ref(), Utc::now(), freshness);
+        let metrics = &self.metrics;
+        metrics.cache_hits.inc_by(enriched.hits);
+        metrics.cache_misses.inc_by(enriched.misses);
+        metrics.stale_served.inc_by(enriched.stale);
+        for age in &enriched.ages {
+            metrics.data_freshness.observe(*age);
+        }
+        if !enriched.to_refresh.is_empty() {
+            let cache = self.cache.clone();
+            let ttl = self.refresh_dedup_ttl;
+            let ids = enriched.to_refresh;
+            let traceparent = shared::telemetry::current_traceparent();
+            tokio::spawn(async move {
+                // A failure trips the circuit and is counted there; the next read enqueues again.
+                let _ = cache
+                    .enqueue(Priority::Lazy, &ids, ttl, traceparent.as_deref())
+                    .await;
+            });
+        }
+        enriched.chats
+    }
+}

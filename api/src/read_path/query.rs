@@ -1,0 +1,290 @@
+//! The `GET /chats/all` query: the legacy service's parameters, defaults and clamps, parsed into
+//! a `ListQuery` at the edge.
+
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use crate::error::ApiError;
+
+const DEFAULT_LIMIT: i64 = 50;
+const MAX_LIMIT: i64 = 100;
+const MAX_SEARCH_WORDS: usize = 16;
+const MAX_SEARCH_WORD_CHARS: usize = 200;
+
+/// The sortable columns of the legacy whitelist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SortColumn {
+    Id,
+    Name,
+    Url,
+    MaxChatId,
+    ParticipantsCount,
+    Department,
+    Source,
+    CreatedAt,
+    UpdatedAt,
+}
+
+impl SortColumn {
+    pub const ALL: [SortColumn; 9] = [
+        SortColumn::Id,
+        SortColumn::Name,
+        SortColumn::Url,
+        SortColumn::MaxChatId,
+        SortColumn::ParticipantsCount,
+        SortColumn::Department,
+        SortColumn::Source,
+        SortColumn::CreatedAt,
+        SortColumn::UpdatedAt,
+    ];
+
+    /// Parses a `sort_by` value; anything off the whitelist is `None`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|column| column.sql_name() == text)
+    }
+
+    /// The column of `chats` this sorts by.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            SortColumn::Id => "id",
+            SortColumn::Name => "name",
+            SortColumn::Url => "url",
+            SortColumn::MaxChatId => "max_chat_id",
+            SortColumn::ParticipantsCount => "participants_count",
+            SortColumn::Department => "department",
+            SortColumn::Source => "source",
+            SortColumn::CreatedAt => "created_at",
+            SortColumn::UpdatedAt => "updated_at",
+        }
+    }
+
+    /// Text columns are ordered by the database's collation, which only Postgres knows.
+    pub fn is_text(self) -> bool {
+        matches!(
+            self,
+            SortColumn::Name
+                | SortColumn::Url
+                | SortColumn::MaxChatId
+                | SortColumn::Department
+                | SortColumn::Source
+        )
+    }
+
+    /// This column's place in `ALL`.
+    pub fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|column| *column == self)
+            .expect("every column is in ALL")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortOrder {
+    Asc,
+    Desc,
+}
+
+/// A validated `GET /chats/all` query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListQuery {
+    pub limit: i64,
+    pub offset: i64,
+    pub sort: SortColumn,
+    pub order: SortOrder,
+    /// Search words, each to be found (case-insensitively, literally) in one of the columns.
+    pub words: Vec<String>,
+}
+
+/// Query of `GET /chats/all`, as the legacy service took it.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Page size: absent, empty, zero or negative means 50; more than 100 means 100
+    #[param(value_type = Option<i64>)]
+    pub limit: Option<String>,
+    /// Rows to skip; negative means 0
+    #[param(value_type = Option<i64>)]
+    pub offset: Option<String>,
+    /// One of id, name, url, max_chat_id, participants_count, department, source, created_at,
+    /// updated_at; anything else means name
+    pub sort_by: Option<String>,
+    /// asc or desc; anything else means asc
+    pub sort_order: Option<String>,
+    /// Words that must all occur, case-insensitively, in name, department, max_chat_id or source
+    pub search: Option<String>,
+}
+
+fn parse_number(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| ApiError::BadRequest(format!("{name} must be an integer"))),
+    }
+}
+
+impl ListQuery {
+    /// Applies the legacy defaults and clamps to a raw query.
+    pub fn parse(params: &ListParams) -> Result<Self, ApiError> {
+        let limit = match parse_number("limit", params.limit.as_deref())? {
+            Some(n) if n > MAX_LIMIT => MAX_LIMIT,
+            Some(n) if n > 0 => n,
+            _ => DEFAULT_LIMIT,
+        };
+        let offset = parse_number("offset", params.offset.as_deref())?
+            .unwrap_or(0)
+            .max(0);
+        let sort = params
+            .sort_by
+            .as_deref()
+            .and_then(|text| SortColumn::parse(text.trim()))
+            .unwrap_or(SortColumn::Name);
+        let order = match params.sort_order.as_deref().map(str::trim) {
+            Some(text) if text.eq_ignore_ascii_case("desc") => SortOrder::Desc,
+            _ => SortOrder::Asc,
+        };
+        let words: Vec<String> = params
+            .search
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if words.len() > MAX_SEARCH_WORDS {
+            return Err(ApiError::BadRequest(format!(
+                "search may have at most {MAX_SEARCH_WORDS} words"
+            )));
+        }
+        if words
+            .iter()
+            .any(|word| word.chars().count() > MAX_SEARCH_WORD_CHARS)
+        {
+            return Err(ApiError::BadRequest(format!(
+                "search words may be at most {MAX_SEARCH_WORD_CHARS} characters long"
+            )));
+        }
+        Ok(ListQuery {
+            limit,
+            offset,
+            sort,
+            order,
+            words,
+        })
+    }
+
+    /// Pages of this size the matches fill; at least 1, even when nothing matches.
+    pub fn total_pages(&self, total: i64) -> i64 {
+        ((total + self.limit - 1) / self.limit).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(limit: Option<&str>, offset: Option<&str>) -> ListParams {
+        ListParams {
+            limit: limit.map(str::to_owned),
+            offset: offset.map(str::to_owned),
+            ..ListParams::default()
+        }
+    }
+
+    #[test]
+    fn limit_follows_the_legacy_clamps() {
+        for (given, expected) in [
+            (None, 50),
+            (Some(""), 50),
+            (Some("0"), 50),
+            (Some("-3"), 50),
+            (Some("20"), 20),
+            (Some("100"), 100),
+            (Some("1000"), 100),
+        ] {
+            assert_eq!(
+                ListQuery::parse(&params(given, None)).unwrap().limit,
+                expected,
+                "{given:?}"
+            );
+        }
+        assert!(matches!(
+            ListQuery::parse(&params(Some("ten"), None)),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn offset_is_never_negative() {
+        assert_eq!(
+            ListQuery::parse(&params(None, Some("-10"))).unwrap().offset,
+            0
+        );
+        assert_eq!(
+            ListQuery::parse(&params(None, Some("30"))).unwrap().offset,
+            30
+        );
+        assert!(matches!(
+            ListQuery::parse(&params(None, Some("1.5"))),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn sort_falls_back_to_name_ascending() {
+        let query = ListQuery::parse(&ListParams {
+            sort_by: Some("password".into()),
+            sort_order: Some("sideways".into()),
+            ..ListParams::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (query.sort, query.order),
+            (SortColumn::Name, SortOrder::Asc)
+        );
+        let query = ListQuery::parse(&ListParams {
+            sort_by: Some("created_at".into()),
+            sort_order: Some("DESC".into()),
+            ..ListParams::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (query.sort, query.order),
+            (SortColumn::CreatedAt, SortOrder::Desc)
+        );
+    }
+
+    #[test]
+    fn only_whitelisted_columns_sort() {
+        assert_eq!(
+            SortColumn::parse("participants_count"),
+            Some(SortColumn::ParticipantsCount)
+        );
+        assert_eq!(SortColumn::parse("name; drop table chats"), None);
+        assert_eq!(SortColumn::parse("university_id"), None);
+        for column in SortColumn::ALL {
+            assert_eq!(SortColumn::ALL[column.index()], column);
+        }
+    }
+
+    #[test]
+    fn search_splits_on_whitespace() {
+        let query = ListQuery::parse(&ListParams {
+            search: Some("  Math\t2024 \n".into()),
+            ..ListParams::default()
+        })
+        .unwrap();
+        assert_eq!(query.words, vec!["Math", "2024"]);
+    }
+
+    #[test]
+    fn an_empty_result_still_has_one_page() {
+        let query = ListQuery::parse(&ListParams::default()).unwrap();
+        assert_eq!(query.total_pages(0), 1);
+        assert_eq!(query.total_pages(50), 1);
+        assert_eq!(query.total_pages(51), 2);
+    }
+}
