@@ -1,5 +1,7 @@
 //! `bench read`: the api's read path on 150,000 chats in the legacy schema, with wrk at 64
-//! connections, against pgbench running the same SQL directly (the baseline, same run).
+//! connections, against pgbench running the legacy page SQL directly (the baseline, same run):
+//! pages, searches, search as you type, a legacy rename under load, Postgres stopped, Redis
+//! killed, start-up with the read model's load, and memory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,8 +13,9 @@ use shared::counts::{write_fenced, CachedCount};
 
 use crate::stack::{sibling, JWT_SECRET};
 
-/// The page query of `GET /chats/all` for a super_admin, default sort, no search: what
-/// `api::chats::list` sends, as a pgbench script with a random offset in the first 10,000 rows.
+/// The page query of `GET /chats/all` for a super_admin, default sort, no search, as the api
+/// sent it to Postgres per request before the read model (its best SQL: a deferred join over
+/// the sort index), as a pgbench script with a random offset in the first 10,000 rows.
 const PAGE_SQL: &str = "\\set off random(0, 9950)\n\
 select t.total, c.*, p.participants_updated_at, p.sync_status from (select coalesce(sum(n), 0)::bigint as total from chat_totals) t \
 left join lateral (select id, name, url, max_chat_id, external_chat_id, participants_count, university_id, department, source, created_at, updated_at \
@@ -269,7 +272,8 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
     let token = crate::stack::admin_token()?;
     let http = reqwest::Client::new();
 
-    // Cold start: process start to the first 200 of a page.
+    // Cold start: process start to the first 200 of a page, which waits for the read model's
+    // load of every chat.
     let cold_port = testkit::free_port();
     let started = Instant::now();
     let mut cold = spawn_api(&pg, &redis.url(), cold_port)?;
@@ -277,7 +281,7 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
         &http,
         &format!("http://127.0.0.1:{cold_port}/chats/all"),
         &token,
-        Duration::from_secs(30),
+        Duration::from_secs(60),
     )
     .await?;
     let cold_start = started.elapsed();
@@ -290,7 +294,7 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
         &http,
         &format!("http://127.0.0.1:{port}/chats/all"),
         &token,
-        Duration::from_secs(30),
+        Duration::from_secs(60),
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -300,18 +304,29 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
     eprintln!("bench read: wrk");
     let page_path = "\"/chats/all?limit=50&offset=\" .. math.random(0, 9950)";
     let page = wrk(port, page_path, &token, seconds, connections, &dir)?;
-    let rss_under_load = rss_kib(api.id(), "VmHWM:");
     // Names look like "Физика 2021 группа 12345": a group number is a rare word, a subject a
     // common one (1 chat in 8), a subject and a year two common ones (1 in 56 together).
     let searches = [
         ("search, one word, rare (a group number)", "\"/chats/all?limit=50&search=\" .. math.random(1, 150000)"),
         ("search, one word, common (a subject)", "\"/chats/all?limit=50&search=%D0%A4%D0%B8%D0%B7%D0%B8%D0%BA%D0%B0\""),
         ("search, two words (a subject and a year)", "\"/chats/all?limit=50&search=%D0%A4%D0%B8%D0%B7%D0%B8%D0%BA%D0%B0%20\" .. (2019 + math.random(0, 6))"),
+        ("search as you type (a random chat's name, 1 to 4 words, the last one cut)", TYPING),
     ];
     let mut search_results = Vec::new();
     for (label, path) in searches {
         search_results.push((label, wrk(port, path, &token, seconds, connections, &dir)?));
     }
+
+    eprintln!("bench read: legacy renames under load");
+    let renames = renames_under_load(&db, &http, port, &token, seconds, connections, &dir).await?;
+
+    eprintln!("bench read: Postgres stopped");
+    let mut pg = pg;
+    pg.stop();
+    let pg_down = wrk(port, page_path, &token, seconds, connections, &dir)?;
+    let pg_down_search = wrk(port, searches[0].1, &token, seconds, connections, &dir)?;
+    pg.start_again();
+    let rss_under_load = rss_kib(api.id(), "VmHWM:");
 
     eprintln!("bench read: Redis down");
     redis.kill();
@@ -320,62 +335,149 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
     let _ = api.kill();
     let _ = api.wait();
 
-    println!("\nRead path: {chats} chats, wrk -t2 -c{connections} -d{seconds}s; baseline pgbench -c16 -j2 -T{seconds} with the same SQL, same run\n");
+    let met = |ok: bool| if ok { "met" } else { "missed" };
+    println!("\nRead path: {chats} chats, wrk -t2 -c{connections} -d{seconds}s; baseline pgbench -c16 -j2 -T{seconds} with the legacy page SQL, same run\n");
     println!("| what | rps | p50 | p99 | non-2xx | target | result |");
     println!("|---|---|---|---|---|---|---|");
     println!("| pgbench, page SQL (baseline) | {pg_tps:.0} TPS | avg {pg_latency:.2} ms | - | - | - | - |");
     println!(
-        "| GET /chats/all?limit=50, offset 0..10000 | {:.0} | {:.2} ms | {:.2} ms | {} | ≥0.8x baseline, p99 ≤25 ms | {:.2}x, {} |",
+        "| GET /chats/all?limit=50, offset 0..10000 | {:.0} | {:.2} ms | {:.2} ms | {} | ≥3x baseline, p99 ≤25 ms | {:.2}x, {} |",
         page.rps, page.p50_ms, page.p99_ms, page.non_2xx, page.rps / pg_tps,
-        if page.rps >= 0.8 * pg_tps && page.p99_ms <= 25.0 { "met" } else { "missed" }
+        met(page.rps >= 3.0 * pg_tps && page.p99_ms <= 25.0)
     );
     for (label, result) in &search_results {
         println!(
-            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {} | p99 ≤50 ms | {} |",
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {} | p99 ≤50 ms, 0 non-2xx | {} |",
             result.rps,
             result.p50_ms,
             result.p99_ms,
             result.non_2xx,
-            if result.p99_ms <= 50.0 {
-                "met"
-            } else {
-                "missed"
-            }
+            met(result.p99_ms <= 50.0 && result.non_2xx == 0)
+        );
+    }
+    for (label, result) in [("page, Postgres stopped", &pg_down), ("search (rare word), Postgres stopped", &pg_down_search)] {
+        println!(
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {} | 0 non-2xx | {} |",
+            result.rps, result.p50_ms, result.p99_ms, result.non_2xx, met(result.non_2xx == 0)
         );
     }
     println!(
         "| page, Redis killed | {:.0} | {:.2} ms | {:.2} ms | {} | ≥0.8x healthy, 0 non-2xx | {:.2}x, {} |",
         redis_down.rps, redis_down.p50_ms, redis_down.p99_ms, redis_down.non_2xx, redis_down.rps / page.rps,
-        if redis_down.rps >= 0.8 * page.rps && redis_down.non_2xx == 0 { "met" } else { "missed" }
+        met(redis_down.rps >= 0.8 * page.rps && redis_down.non_2xx == 0)
     );
     println!("\n| what | measured | target | result |");
     println!("|---|---|---|---|");
     println!(
-        "| cold start to first 200 | {:.0} ms | ≤1 s | {} |",
-        cold_start.as_secs_f64() * 1000.0,
-        if cold_start <= Duration::from_secs(1) {
-            "met"
-        } else {
-            "missed"
-        }
+        "| legacy `update chats set name = …` to served, under page load ({} renames) | p50 {:.0} ms, max {:.0} ms | ≤1 s | {} |",
+        renames.len(),
+        percentile(&renames, 0.5),
+        percentile(&renames, 1.0),
+        met(percentile(&renames, 1.0) <= 1000.0)
     );
     println!(
-        "| api peak RSS under load (VmHWM) | {:.1} MB | ≤64 MB | {} |",
+        "| cold start to first 200 (loads all {chats} chats) | {:.0} ms | ≤5 s | {} |",
+        cold_start.as_secs_f64() * 1000.0,
+        met(cold_start <= Duration::from_secs(5))
+    );
+    println!(
+        "| api peak RSS under load (VmHWM) | {:.1} MB | ≤128 MB | {} |",
         rss_under_load as f64 / 1024.0,
-        if rss_under_load <= 64 * 1024 {
-            "met"
-        } else {
-            "missed"
-        }
+        met(rss_under_load <= 128 * 1024)
     );
     println!(
         "| Redis used_memory per cached chat | {:.1} B ({} B for {} chats, incl. Redis' own ~1 MB) | ≤100 B | {} |",
         used_memory as f64 / f64::from(chats),
         used_memory,
         chats,
-        if used_memory as f64 / f64::from(chats) <= 100.0 { "met" } else { "missed" }
+        met(used_memory as f64 / f64::from(chats) <= 100.0)
     );
     Ok(())
+}
+
+/// A random chat's name as someone types it: its first 1 to 4 words, the last one cut short
+/// when it is a number. Every request is a different query, so the api's cache of recent
+/// words helps only as much as it would for real typing.
+const TYPING: &str = "(function()\n\
+  local subjects = {'%D0%9C%D0%B0%D1%82%D0%B5%D0%BC%D0%B0%D1%82%D0%B8%D0%BA%D0%B0', '%D0%A4%D0%B8%D0%B7%D0%B8%D0%BA%D0%B0', '%D0%98%D1%81%D1%82%D0%BE%D1%80%D0%B8%D1%8F', '%D0%98%D0%BD%D1%84%D0%BE%D1%80%D0%BC%D0%B0%D1%82%D0%B8%D0%BA%D0%B0', '%D0%A5%D0%B8%D0%BC%D0%B8%D1%8F', '%D0%91%D0%B8%D0%BE%D0%BB%D0%BE%D0%B3%D0%B8%D1%8F', '%D0%9F%D1%80%D0%B0%D0%B2%D0%BE', '%D0%AD%D0%BA%D0%BE%D0%BD%D0%BE%D0%BC%D0%B8%D0%BA%D0%B0'}\n\
+  local g = math.random(1, 150000)\n\
+  local words = {subjects[1 + g % 8], tostring(2019 + g % 7), '%D0%B3%D1%80%D1%83%D0%BF%D0%BF%D0%B0', tostring(g)}\n\
+  local n = math.random(1, 4)\n\
+  local typed = {}\n\
+  for i = 1, n do typed[i] = words[i] end\n\
+  if n == 2 or n == 4 then local w = typed[n]; typed[n] = string.sub(w, 1, math.random(1, #w)) end\n\
+  return '/chats/all?limit=50&search=' .. table.concat(typed, '%20')\n\
+end)()";
+
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[at]
+}
+
+/// Renames chats in Postgres, as the legacy chat-service would, while wrk loads the api with
+/// pages, and measures each rename's delay until `GET /chats/{id}` serves the new name.
+async fn renames_under_load(
+    db: &sqlx::PgPool,
+    http: &reqwest::Client,
+    port: u16,
+    token: &str,
+    seconds: u64,
+    connections: u32,
+    dir: &Path,
+) -> anyhow::Result<Vec<f64>> {
+    let load_dir = dir.join("rename-load");
+    std::fs::create_dir_all(&load_dir)?;
+    let load_token = token.to_owned();
+    let load = std::thread::spawn(move || {
+        wrk(
+            port,
+            "\"/chats/all?limit=50&offset=\" .. math.random(0, 9950)",
+            &load_token,
+            seconds,
+            connections,
+            &load_dir,
+        )
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut delays = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds.saturating_sub(2).max(1));
+    let mut round = 0;
+    while Instant::now() < deadline {
+        round += 1;
+        let id: i32 = 1 + (round * 7919) % 150_000;
+        let name = format!("Переименован {round}");
+        let written = Instant::now();
+        sqlx::query("update chats set name = $1 where id = $2")
+            .bind(&name)
+            .bind(id)
+            .execute(db)
+            .await?;
+        loop {
+            let chat: serde_json::Value = http
+                .get(format!("http://127.0.0.1:{port}/chats/{id}"))
+                .bearer_auth(token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if chat["name"] == name.as_str() {
+                delays.push(written.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if written.elapsed() > Duration::from_secs(30) {
+                bail!("rename of chat {id} not served within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    load.join().expect("wrk thread")?;
+    Ok(delays)
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {

@@ -40,7 +40,13 @@ pub async fn start_api(
     tokio::spawn(api::run(*args, listener, async move {
         let _ = rx.await;
     }));
-    // Wait for the api's circuit to let requests use Redis.
+    // Wait for the api's read model to load the chats, and its circuit to let requests use Redis.
+    eventually(Duration::from_secs(30), "api is ready", || async {
+        reqwest::get(format!("http://{address}/health/ready"))
+            .await
+            .is_ok_and(|response| response.status() == 200)
+    })
+    .await;
     eventually(Duration::from_secs(15), "api uses redis", || async {
         let Ok(response) = reqwest::get(format!("http://{address}/metrics")).await else {
             return false;

@@ -131,7 +131,11 @@ async fn one_trace_runs_from_the_api_request_to_the_max_call() {
             response.text().await.is_ok_and(|page| {
                 page.lines()
                     .any(|line| line == "participants_cache_available 1")
-            })
+            }) && http
+                .get(format!("http://127.0.0.1:{api_port}/health/ready"))
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200)
         },
     )
     .await;
