@@ -355,10 +355,17 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
             met(result.p99_ms <= 50.0 && result.non_2xx == 0)
         );
     }
-    for (label, result) in [("page, Postgres stopped", &pg_down), ("search (rare word), Postgres stopped", &pg_down_search)] {
+    for (label, result) in [
+        ("page, Postgres stopped", &pg_down),
+        ("search (rare word), Postgres stopped", &pg_down_search),
+    ] {
         println!(
             "| {label} | {:.0} | {:.2} ms | {:.2} ms | {} | 0 non-2xx | {} |",
-            result.rps, result.p50_ms, result.p99_ms, result.non_2xx, met(result.non_2xx == 0)
+            result.rps,
+            result.p50_ms,
+            result.p99_ms,
+            result.non_2xx,
+            met(result.non_2xx == 0)
         );
     }
     println!(

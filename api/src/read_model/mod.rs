@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 pub mod postgres;
 pub mod search;
@@ -25,7 +25,7 @@ pub mod sync;
 
 pub use postgres::ChatRecord;
 use postgres::{LoadedRow, RowVersion};
-use search::{intersect, Lowercase, MatchCache, TrigramIndex};
+use search::{Lowercase, MatchCache, MatchSet, TrigramIndex};
 
 use crate::read_path::query::{ListQuery, SortColumn, SortOrder};
 use crate::scope::Scope;
@@ -92,8 +92,8 @@ impl ReadModel {
         self.read(|model| {
             model
                 .entry_of(id)
-                .filter(|entry| scope.admits(entry.record.university_id))
-                .map(|entry| entry.record.clone())
+                .filter(|entry| scope.admits(entry.university_id))
+                .map(Entry::record)
         })
     }
 
@@ -123,18 +123,159 @@ impl ReadModel {
                 .entries
                 .iter()
                 .flatten()
-                .map(|entry| (entry.record.id, entry.version))
+                .map(|entry| (entry.id, entry.version))
                 .collect()
         })
         .unwrap_or_default()
     }
 }
 
-struct Entry {
-    record: ChatRecord,
+/// The text fields of a stored chat, in the order they sit in its one buffer.
+#[derive(Clone, Copy)]
+enum Text {
+    Name,
+    Url,
+    MaxChatId,
+    ExternalChatId,
+    Department,
+    Source,
+    SyncStatus,
     /// The lowered search text (see `postgres::LOWERED_DOCUMENT`).
-    document: Box<str>,
+    Document,
+}
+
+const N_TEXTS: usize = 8;
+
+/// A microsecond timestamp, or none: what Postgres' `timestamptz` holds, in 8 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Micros(i64);
+
+impl Micros {
+    const NONE: Micros = Micros(i64::MAX);
+
+    fn from(at: Option<DateTime<Utc>>) -> Self {
+        at.map_or(Self::NONE, |at| Micros(at.timestamp_micros()))
+    }
+
+    fn get(self) -> Option<DateTime<Utc>> {
+        (self != Self::NONE)
+            .then(|| DateTime::from_timestamp_micros(self.0))
+            .flatten()
+    }
+}
+
+/// One chat as the model keeps it: numbers inline and every text in a single allocation, about
+/// a third of what a `ChatRecord` with its eight strings costs.
+struct Entry {
+    id: i32,
+    participants_count: Option<i32>,
+    university_id: Option<i32>,
+    created_at: Micros,
+    updated_at: Micros,
+    participants_updated_at: Micros,
     version: RowVersion,
+    texts: Box<str>,
+    /// Where each text ends in `texts`.
+    ends: [u32; N_TEXTS],
+    /// Bit `i` is set when text `i` is NULL rather than empty.
+    nulls: u8,
+}
+
+impl Entry {
+    fn new(row: LoadedRow) -> Self {
+        let LoadedRow {
+            record,
+            document,
+            version,
+        } = row;
+        let texts: [Option<&str>; N_TEXTS] = [
+            Some(&record.name),
+            Some(&record.url),
+            record.max_chat_id.as_deref(),
+            record.external_chat_id.as_deref(),
+            record.department.as_deref(),
+            Some(&record.source),
+            record.sync_status.as_deref(),
+            Some(&document),
+        ];
+        let mut buffer = String::with_capacity(texts.iter().flatten().map(|t| t.len()).sum());
+        let mut ends = [0u32; N_TEXTS];
+        let mut nulls = 0u8;
+        for (i, text) in texts.iter().enumerate() {
+            match text {
+                Some(text) => buffer.push_str(text),
+                None => nulls |= 1 << i,
+            }
+            ends[i] = u32::try_from(buffer.len()).expect("a chat's texts fit in 4 GiB");
+        }
+        Entry {
+            id: record.id,
+            participants_count: record.participants_count,
+            university_id: record.university_id,
+            created_at: Micros::from(record.created_at),
+            updated_at: Micros::from(record.updated_at),
+            participants_updated_at: Micros::from(record.participants_updated_at),
+            version,
+            texts: buffer.into_boxed_str(),
+            ends,
+            nulls,
+        }
+    }
+
+    fn text(&self, which: Text) -> Option<&str> {
+        let i = which as usize;
+        if self.nulls & (1 << i) != 0 {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        Some(&self.texts[start..self.ends[i] as usize])
+    }
+
+    fn owned(&self, which: Text) -> Option<String> {
+        self.text(which).map(str::to_owned)
+    }
+
+    fn document(&self) -> &str {
+        self.text(Text::Document).unwrap_or_default()
+    }
+
+    fn record(&self) -> ChatRecord {
+        ChatRecord {
+            id: self.id,
+            name: self.owned(Text::Name).unwrap_or_default(),
+            url: self.owned(Text::Url).unwrap_or_default(),
+            max_chat_id: self.owned(Text::MaxChatId),
+            external_chat_id: self.owned(Text::ExternalChatId),
+            participants_count: self.participants_count,
+            university_id: self.university_id,
+            department: self.owned(Text::Department),
+            source: self.owned(Text::Source).unwrap_or_default(),
+            created_at: self.created_at.get(),
+            updated_at: self.updated_at.get(),
+            participants_updated_at: self.participants_updated_at.get(),
+            sync_status: self.owned(Text::SyncStatus),
+        }
+    }
+}
+
+/// Rows of a full load, compacted as they stream in so that the load never holds them twice.
+#[derive(Default)]
+pub struct LoadBuffer {
+    entries: Vec<Entry>,
+}
+
+impl LoadBuffer {
+    pub fn push(&mut self, row: LoadedRow) {
+        self.entries.push(Entry::new(row));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// One sort column's order: live slots by `(column, id)` ascending, and each slot's place in it.
@@ -177,18 +318,30 @@ fn nulls_last<T: Ord>(a: &Option<T>, b: &Option<T>) -> Ordering {
 }
 
 /// `(column, id)` order of the columns this model sorts itself (not text: see module docs).
-fn compare(column: SortColumn, a: &ChatRecord, b: &ChatRecord) -> Ordering {
+/// `Micros::NONE` is the largest value, so NULL timestamps sort last, as in Postgres.
+fn compare(column: SortColumn, a: &Entry, b: &Entry) -> Ordering {
     let by_column = match column {
         SortColumn::Id => Ordering::Equal,
         SortColumn::ParticipantsCount => nulls_last(&a.participants_count, &b.participants_count),
-        SortColumn::CreatedAt => nulls_last(&a.created_at, &b.created_at),
-        SortColumn::UpdatedAt => nulls_last(&a.updated_at, &b.updated_at),
+        SortColumn::CreatedAt => a.created_at.cmp(&b.created_at),
+        SortColumn::UpdatedAt => a.updated_at.cmp(&b.updated_at),
         text => unreachable!("{text:?} is ordered by Postgres"),
     };
     by_column.then(a.id.cmp(&b.id))
 }
 
-fn text_of(column: SortColumn, record: &ChatRecord) -> Option<&str> {
+fn text_field(column: SortColumn) -> Text {
+    match column {
+        SortColumn::Name => Text::Name,
+        SortColumn::Url => Text::Url,
+        SortColumn::MaxChatId => Text::MaxChatId,
+        SortColumn::Department => Text::Department,
+        SortColumn::Source => Text::Source,
+        other => unreachable!("{other:?} is not a text column"),
+    }
+}
+
+fn record_text(column: SortColumn, record: &ChatRecord) -> Option<&str> {
     match column {
         SortColumn::Name => Some(&record.name),
         SortColumn::Url => Some(&record.url),
@@ -215,13 +368,14 @@ pub struct Model {
 impl Model {
     /// Builds a model from a full load: every row, and the order of each text column.
     pub fn build(
-        rows: Vec<LoadedRow>,
+        rows: LoadBuffer,
         text_orders: Vec<(SortColumn, Vec<i32>)>,
         lowercase: Lowercase,
     ) -> Self {
+        let n = rows.entries.len();
         let mut model = Model {
-            entries: Vec::with_capacity(rows.len()),
-            by_id: HashMap::with_capacity(rows.len()),
+            entries: Vec::with_capacity(n),
+            by_id: HashMap::with_capacity(n),
             n_live: 0,
             universities: HashMap::new(),
             orders: SortColumn::ALL.iter().map(|_| Order::default()).collect(),
@@ -229,14 +383,11 @@ impl Model {
             cache: MatchCache::default(),
             lowercase,
         };
-        for row in rows {
+        for entry in rows.entries {
             let slot = model.entries.len() as u32;
-            model.by_id.insert(row.record.id, slot);
-            model.entries.push(Some(Entry {
-                record: row.record,
-                document: row.document.into_boxed_str(),
-                version: row.version,
-            }));
+            // Ids are the primary key, so each arrives once.
+            model.by_id.insert(entry.id, slot);
+            model.entries.push(Some(entry));
         }
         model.n_live = model.by_id.len();
         let entries = &model.entries;
@@ -244,7 +395,7 @@ impl Model {
             entries
                 .iter()
                 .enumerate()
-                .filter_map(|(slot, entry)| entry.as_ref().map(|e| (slot as u32, &*e.document))),
+                .filter_map(|(slot, entry)| entry.as_ref().map(|e| (slot as u32, e.document()))),
             model.n_live,
         );
         for column in SortColumn::ALL {
@@ -278,7 +429,7 @@ impl Model {
     fn count_universities(&mut self) {
         let mut counts = HashMap::new();
         for entry in self.entries.iter().flatten() {
-            if let Some(university) = entry.record.university_id {
+            if let Some(university) = entry.university_id {
                 *counts.entry(university).or_default() += 1;
             }
         }
@@ -289,8 +440,8 @@ impl Model {
     fn sort_column(&mut self, column: SortColumn) {
         let mut slots: Vec<u32> = self.live_slots().collect();
         let entries = &self.entries;
-        let record = |slot: &u32| &entries[*slot as usize].as_ref().expect("live slot").record;
-        slots.sort_unstable_by(|a, b| compare(column, record(a), record(b)));
+        let entry = |slot: &u32| entries[*slot as usize].as_ref().expect("live slot");
+        slots.sort_unstable_by(|a, b| compare(column, entry(a), entry(b)));
         let order = &mut self.orders[column.index()];
         order.slots = slots;
         order.reindex(self.entries.len());
@@ -313,9 +464,7 @@ impl Model {
             .live_slots()
             .filter(|slot| !seen[*slot as usize])
             .collect();
-        missing.sort_unstable_by_key(|slot| {
-            self.entries[*slot as usize].as_ref().map(|e| e.record.id)
-        });
+        missing.sort_unstable_by_key(|slot| self.entry(*slot).map(|entry| entry.id));
         slots.extend(missing);
         let order = &mut self.orders[column.index()];
         order.slots = slots;
@@ -329,7 +478,9 @@ impl Model {
             .filter(|column| {
                 rows.iter().any(|row| match self.entry_of(row.record.id) {
                     None => true,
-                    Some(entry) => text_of(*column, &entry.record) != text_of(*column, &row.record),
+                    Some(entry) => {
+                        entry.text(text_field(*column)) != record_text(*column, &row.record)
+                    }
                 })
             })
             .collect()
@@ -342,7 +493,7 @@ impl Model {
         for id in delta.deleted {
             if let Some(slot) = self.by_id.remove(&id) {
                 if let Some(entry) = self.entries[slot as usize].take() {
-                    self.index.remove(slot, &entry.document);
+                    self.index.remove(slot, entry.document());
                     self.n_live -= 1;
                     removed_any = true;
                     documents_changed = true;
@@ -351,33 +502,25 @@ impl Model {
             }
         }
         for row in delta.rows {
-            let document = row.document.into_boxed_str();
-            match self.by_id.get(&row.record.id).copied() {
+            let entry = Entry::new(row);
+            match self.by_id.get(&entry.id).copied() {
                 Some(slot) => {
-                    let entry = self.entries[slot as usize]
+                    let old = self.entries[slot as usize]
                         .as_mut()
                         .expect("an id maps to a live slot");
-                    if entry.document != document {
-                        self.index.remove(slot, &entry.document);
-                        self.index.insert(slot, &document);
+                    if old.document() != entry.document() {
+                        self.index.remove(slot, old.document());
+                        self.index.insert(slot, entry.document());
                         documents_changed = true;
                     }
-                    *entry = Entry {
-                        record: row.record,
-                        document,
-                        version: row.version,
-                    };
+                    *old = entry;
                     touched.push(slot);
                 }
                 None => {
                     let slot = self.entries.len() as u32;
-                    self.by_id.insert(row.record.id, slot);
-                    self.index.insert(slot, &document);
-                    self.entries.push(Some(Entry {
-                        record: row.record,
-                        document,
-                        version: row.version,
-                    }));
+                    self.by_id.insert(entry.id, slot);
+                    self.index.insert(slot, entry.document());
+                    self.entries.push(Some(entry));
                     self.n_live += 1;
                     documents_changed = true;
                     touched.push(slot);
@@ -407,7 +550,7 @@ impl Model {
                 let known: Vec<i32> = self.orders[column.index()]
                     .slots
                     .iter()
-                    .filter_map(|slot| self.entry(*slot).map(|entry| entry.record.id))
+                    .filter_map(|slot| self.entry(*slot).map(|entry| entry.id))
                     .collect();
                 self.set_text_order(column, &known);
             }
@@ -422,7 +565,7 @@ impl Model {
     /// themselves, and merged back in, so a small change costs one pass, not a sort.
     fn merge_into_order(&mut self, column: SortColumn, touched: &[u32]) {
         let entries = &self.entries;
-        let record = |slot: u32| &entries[slot as usize].as_ref().expect("live slot").record;
+        let entry = |slot: u32| entries[slot as usize].as_ref().expect("live slot");
         let order = &mut self.orders[column.index()];
         let kept: Vec<u32> = order
             .slots
@@ -435,11 +578,11 @@ impl Model {
             .copied()
             .filter(|slot| entries[*slot as usize].is_some())
             .collect();
-        moved.sort_unstable_by(|a, b| compare(column, record(*a), record(*b)));
+        moved.sort_unstable_by(|a, b| compare(column, entry(*a), entry(*b)));
         let mut merged = Vec::with_capacity(kept.len() + moved.len());
         let (mut i, mut j) = (0, 0);
         while i < kept.len() && j < moved.len() {
-            if compare(column, record(kept[i]), record(moved[j])) == Ordering::Less {
+            if compare(column, entry(kept[i]), entry(moved[j])) == Ordering::Less {
                 merged.push(kept[i]);
                 i += 1;
             } else {
@@ -453,20 +596,38 @@ impl Model {
         order.reindex(entries.len());
     }
 
-    /// The slots (ascending) whose document contains `word`, from the cache when it is there.
-    fn matches(&self, word: &str) -> Arc<Vec<u32>> {
+    /// The slots whose document contains `word`, from the cache when it is there.
+    fn matches(&self, word: &str) -> Arc<MatchSet> {
         let lowered = self.lowercase.lower(word);
         if let Some(found) = self.cache.get(&lowered) {
             return found;
         }
-        let found = Arc::new(search::matching(
+        let slots = search::matching(
             &self.index,
             &lowered,
-            |slot| self.entry(slot).map(|entry| &*entry.document),
+            |slot| self.entry(slot).map(Entry::document),
             self.live_slots(),
-        ));
+        );
+        let found = Arc::new(MatchSet::from_sorted(slots, self.entries.len()));
         self.cache.put(lowered, found.clone());
         found
+    }
+
+    /// The slots matching every word, the rarest word's matches intersected with the others.
+    fn matches_all(&self, words: &[String]) -> Arc<MatchSet> {
+        if let [word] = words {
+            return self.matches(word);
+        }
+        let mut sets: Vec<Arc<MatchSet>> = words.iter().map(|word| self.matches(word)).collect();
+        sets.sort_by_key(|set| set.len());
+        let mut all = sets[0].as_ref().clone();
+        for set in &sets[1..] {
+            if all.is_empty() {
+                break;
+            }
+            all = all.intersect(set, self.entries.len());
+        }
+        Arc::new(all)
     }
 
     fn page(&self, scope: Scope, query: &ListQuery) -> Selection {
@@ -480,9 +641,9 @@ impl Model {
         let descending = query.order == SortOrder::Desc;
         let offset = usize::try_from(query.offset).unwrap_or(usize::MAX);
         let limit = usize::try_from(query.limit).unwrap_or(0);
-        let admitted = |slot: &u32| {
-            self.entry(*slot)
-                .is_some_and(|entry| scope.admits(entry.record.university_id))
+        let admitted = |slot: u32| {
+            self.entry(slot)
+                .is_some_and(|entry| scope.admits(entry.university_id))
         };
         let (slots, total): (Vec<u32>, usize) = if query.words.is_empty() {
             let total = match scope {
@@ -491,55 +652,42 @@ impl Model {
                 }
                 _ => self.n_live,
             };
-            let walk: Box<dyn Iterator<Item = &u32>> = if descending {
-                Box::new(order.slots.iter().rev())
-            } else {
-                Box::new(order.slots.iter())
-            };
             let slots = if scope == Scope::All {
-                walk.skip(offset).take(limit).copied().collect()
+                walk(order, descending).skip(offset).take(limit).collect()
             } else {
-                walk.filter(|slot| admitted(slot))
+                walk(order, descending)
+                    .filter(|slot| admitted(*slot))
                     .skip(offset)
                     .take(limit)
-                    .copied()
                     .collect()
             };
             (slots, total)
         } else {
-            let mut matched: Option<Vec<u32>> = None;
-            for word in &query.words {
-                let found = self.matches(word);
-                matched = Some(match matched {
-                    None => found.as_ref().clone(),
-                    Some(so_far) => intersect(&so_far, &found),
-                });
-            }
-            let mut matched = matched.unwrap_or_default();
+            let mut matched = self.matches_all(&query.words);
             if scope != Scope::All {
-                matched.retain(|slot| admitted(slot));
+                matched = Arc::new(matched.filter(admitted, self.entries.len()));
             }
             let total = matched.len();
             (
-                self.select(order, matched, descending, offset, limit),
+                self.select(order, &matched, descending, offset, limit),
                 total,
             )
         };
         Selection {
             chats: slots
                 .into_iter()
-                .filter_map(|slot| self.entry(slot).map(|entry| entry.record.clone()))
+                .filter_map(|slot| self.entry(slot).map(Entry::record))
                 .collect(),
             total,
         }
     }
 
-    /// Rows `offset..offset + limit` of `matched` in `order`: by walking the order when the
-    /// matches are dense enough for that to be short, else by selecting on their positions.
+    /// Rows `offset..offset + limit` of `matched` in `order`: a dense set by walking the order
+    /// (it meets a match every few steps), a sparse one by selecting on its positions.
     fn select(
         &self,
         order: &Order,
-        matched: Vec<u32>,
+        matched: &MatchSet,
         descending: bool,
         offset: usize,
         limit: usize,
@@ -548,29 +696,21 @@ impl Model {
         if offset >= end {
             return Vec::new();
         }
-        let expected_walk = end.saturating_mul(self.n_live) / matched.len().max(1);
-        if expected_walk < matched.len() {
-            let mut member = vec![false; self.entries.len()];
-            for slot in &matched {
-                member[*slot as usize] = true;
+        let sparse = match matched {
+            MatchSet::Dense { .. } => {
+                return walk(order, descending)
+                    .filter(|slot| matched.contains(*slot))
+                    .skip(offset)
+                    .take(end - offset)
+                    .collect();
             }
-            let walk: Box<dyn Iterator<Item = &u32>> = if descending {
-                Box::new(order.slots.iter().rev())
-            } else {
-                Box::new(order.slots.iter())
-            };
-            return walk
-                .filter(|slot| member[**slot as usize])
-                .skip(offset)
-                .take(end - offset)
-                .copied()
-                .collect();
-        }
-        let mut keyed: Vec<(u32, u32)> = matched
-            .into_iter()
+            MatchSet::Sparse(slots) => slots,
+        };
+        let mut keyed: Vec<(u32, u32)> = sparse
+            .iter()
             .map(|slot| {
-                let at = order.position[slot as usize];
-                (if descending { u32::MAX - at } else { at }, slot)
+                let at = order.position[*slot as usize];
+                (if descending { u32::MAX - at } else { at }, *slot)
             })
             .collect();
         if end < keyed.len() {
@@ -579,6 +719,15 @@ impl Model {
         }
         keyed.sort_unstable();
         keyed[offset..end].iter().map(|(_, slot)| *slot).collect()
+    }
+}
+
+/// An order's slots, forwards or backwards.
+fn walk(order: &Order, descending: bool) -> Box<dyn Iterator<Item = u32> + '_> {
+    if descending {
+        Box::new(order.slots.iter().rev().copied())
+    } else {
+        Box::new(order.slots.iter().copied())
     }
 }
 
@@ -636,7 +785,15 @@ mod tests {
         ];
         // As Postgres would order names: a(2), a(4), b(1), c(3).
         let names = vec![2, 4, 1, 3];
-        let mut model = Model::build(rows, vec![(SortColumn::Name, names)], Lowercase::default());
+        let mut buffer = LoadBuffer::default();
+        for row in rows {
+            buffer.push(row);
+        }
+        let mut model = Model::build(
+            buffer,
+            vec![(SortColumn::Name, names)],
+            Lowercase::default(),
+        );
         for column in [
             SortColumn::Url,
             SortColumn::MaxChatId,

@@ -180,18 +180,116 @@ pub fn intersect(a: &[u32], b: &[u32]) -> Vec<u32> {
     out
 }
 
+/// A set of slots: a sorted list while it is small, a bitmap once it covers more than one slot
+/// in `DENSE_SHARE`, so that intersecting, counting and walking a common word's matches costs
+/// microseconds instead of a copy of a list as long as the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MatchSet {
+    Sparse(Vec<u32>),
+    Dense { bits: Vec<u64>, len: usize },
+}
+
+const DENSE_SHARE: usize = 32;
+
+impl MatchSet {
+    /// From slots in ascending order, out of `n_slots`.
+    pub fn from_sorted(slots: Vec<u32>, n_slots: usize) -> Self {
+        if slots.len().saturating_mul(DENSE_SHARE) < n_slots {
+            return MatchSet::Sparse(slots);
+        }
+        let mut bits = vec![0u64; n_slots.div_ceil(64)];
+        for slot in &slots {
+            bits[*slot as usize / 64] |= 1 << (slot % 64);
+        }
+        MatchSet::Dense {
+            bits,
+            len: slots.len(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            MatchSet::Sparse(slots) => slots.len(),
+            MatchSet::Dense { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, slot: u32) -> bool {
+        match self {
+            MatchSet::Sparse(slots) => slots.binary_search(&slot).is_ok(),
+            MatchSet::Dense { bits, .. } => bits
+                .get(slot as usize / 64)
+                .is_some_and(|word| word & (1 << (slot % 64)) != 0),
+        }
+    }
+
+    /// The slots in ascending order.
+    pub fn slots(&self) -> Vec<u32> {
+        match self {
+            MatchSet::Sparse(slots) => slots.clone(),
+            MatchSet::Dense { bits, len } => {
+                let mut out = Vec::with_capacity(*len);
+                for (at, word) in bits.iter().enumerate() {
+                    let mut word = *word;
+                    while word != 0 {
+                        out.push((at * 64) as u32 + word.trailing_zeros());
+                        word &= word - 1;
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// The slots in both sets.
+    pub fn intersect(&self, other: &MatchSet, n_slots: usize) -> MatchSet {
+        match (self, other) {
+            (MatchSet::Sparse(a), MatchSet::Sparse(b)) => MatchSet::Sparse(intersect(a, b)),
+            (MatchSet::Sparse(a), dense) | (dense, MatchSet::Sparse(a)) => MatchSet::Sparse(
+                a.iter()
+                    .copied()
+                    .filter(|slot| dense.contains(*slot))
+                    .collect(),
+            ),
+            (MatchSet::Dense { bits: a, .. }, MatchSet::Dense { bits: b, .. }) => {
+                let bits: Vec<u64> = a.iter().zip(b).map(|(x, y)| x & y).collect();
+                let len = bits.iter().map(|word| word.count_ones() as usize).sum();
+                let both = MatchSet::Dense { bits, len };
+                if len.saturating_mul(DENSE_SHARE) < n_slots {
+                    MatchSet::Sparse(both.slots())
+                } else {
+                    both
+                }
+            }
+        }
+    }
+
+    /// The slots for which `keep` holds.
+    pub fn filter(&self, keep: impl Fn(u32) -> bool, n_slots: usize) -> MatchSet {
+        let slots: Vec<u32> = match self {
+            MatchSet::Sparse(slots) => slots.iter().copied().filter(|s| keep(*s)).collect(),
+            dense => dense.slots().into_iter().filter(|s| keep(*s)).collect(),
+        };
+        MatchSet::from_sorted(slots, n_slots)
+    }
+}
+
 /// Recent words' matching slots, valid for one generation of the documents.
 #[derive(Debug, Default)]
 pub struct MatchCache {
-    entries: Mutex<HashMap<String, Arc<Vec<u32>>>>,
+    entries: Mutex<HashMap<String, Arc<MatchSet>>>,
 }
 
 impl MatchCache {
-    pub fn get(&self, word: &str) -> Option<Arc<Vec<u32>>> {
+    pub fn get(&self, word: &str) -> Option<Arc<MatchSet>> {
         self.entries.lock().expect("cache lock").get(word).cloned()
     }
 
-    pub fn put(&self, word: String, slots: Arc<Vec<u32>>) {
+    pub fn put(&self, word: String, slots: Arc<MatchSet>) {
         let mut entries = self.entries.lock().expect("cache lock");
         if entries.len() >= CACHED_WORDS {
             entries.clear();
@@ -270,6 +368,35 @@ mod tests {
         let documents = ["", "xyz abc"];
         let found = matching(&index, "abc", |s| documents.get(s as usize).copied(), 0..2);
         assert_eq!(found, vec![1]);
+    }
+
+    #[test]
+    fn sets_answer_the_same_sparse_or_dense() {
+        let n = 256;
+        let evens: Vec<u32> = (0..n).step_by(2).collect();
+        let threes: Vec<u32> = (0..n).step_by(3).collect();
+        let few = vec![3, 6, 7, 200];
+        let dense_evens = MatchSet::from_sorted(evens.clone(), n as usize);
+        let dense_threes = MatchSet::from_sorted(threes.clone(), n as usize);
+        assert!(matches!(dense_evens, MatchSet::Dense { .. }));
+        let sparse_few = MatchSet::from_sorted(few.clone(), 100_000);
+        assert!(matches!(sparse_few, MatchSet::Sparse(_)));
+        let sixes = dense_evens.intersect(&dense_threes, n as usize);
+        assert_eq!(sixes.slots(), intersect(&evens, &threes));
+        assert_eq!(sixes.len(), sixes.slots().len());
+        assert_eq!(
+            sparse_few.intersect(&dense_evens, n as usize).slots(),
+            vec![6, 200]
+        );
+        assert_eq!(
+            dense_evens.intersect(&sparse_few, n as usize).slots(),
+            vec![6, 200]
+        );
+        assert!(dense_evens.contains(4) && !dense_evens.contains(5) && !dense_evens.contains(9999));
+        assert_eq!(
+            dense_evens.filter(|s| s < 10, n as usize).slots(),
+            vec![0, 2, 4, 6, 8]
+        );
     }
 
     #[test]

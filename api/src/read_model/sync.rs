@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::postgres::{self, CHANGES_CHANNEL, RELOAD_ALL};
 use super::search::Lowercase;
-use super::{Delta, Model, ReadModel};
+use super::{Delta, LoadBuffer, Model, ReadModel};
 use crate::metrics::Metrics;
 use crate::read_path::query::SortColumn;
 
@@ -181,7 +181,7 @@ impl Syncer<'_> {
                 .await
                 .context("cannot read the database's lowercase map")?,
         );
-        let mut rows = Vec::new();
+        let mut rows = LoadBuffer::default();
         postgres::load_all(&mut tx, |row| rows.push(row))
             .await
             .context("cannot load chats")?;
