@@ -71,6 +71,14 @@ impl ReadModel {
         );
     }
 
+    /// What the model holds, for the load's log line: chats, bytes of text, trigram postings.
+    pub fn footprint(&self) -> Option<(usize, usize, usize)> {
+        self.read(|model| {
+            let text: usize = model.entries.iter().flatten().map(|e| e.texts.len()).sum();
+            (model.n_live, text, model.index.size().0)
+        })
+    }
+
     /// The number of chats held; 0 before the first load.
     pub fn n_chats(&self) -> usize {
         self.read(|model| model.n_live).unwrap_or(0)
@@ -116,17 +124,20 @@ impl ReadModel {
         Some(())
     }
 
-    /// Every chat's version, for reconciliation.
-    pub fn versions(&self) -> HashMap<i32, RowVersion> {
-        self.read(|model| {
-            model
-                .entries
-                .iter()
-                .flatten()
-                .map(|entry| (entry.id, entry.version))
-                .collect()
-        })
-        .unwrap_or_default()
+    /// Every chat's id and version, in id order, for reconciliation.
+    pub fn versions(&self) -> Vec<(i32, RowVersion)> {
+        let mut versions = self
+            .read(|model| {
+                model
+                    .entries
+                    .iter()
+                    .flatten()
+                    .map(|entry| (entry.id, entry.version))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        versions.sort_unstable_by_key(|(id, _)| *id);
+        versions
     }
 }
 
@@ -258,15 +269,23 @@ impl Entry {
     }
 }
 
-/// Rows of a full load, compacted as they stream in so that the load never holds them twice.
+/// Rows of a full load, compacted as they stream in, into the very vector the model then keeps:
+/// the load never holds the rows twice, nor a doubled vector's spare half.
 #[derive(Default)]
 pub struct LoadBuffer {
-    entries: Vec<Entry>,
+    entries: Vec<Option<Entry>>,
 }
 
 impl LoadBuffer {
+    /// A buffer for `n` rows (a count taken in the load's snapshot).
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(n),
+        }
+    }
+
     pub fn push(&mut self, row: LoadedRow) {
-        self.entries.push(Entry::new(row));
+        self.entries.push(Some(Entry::new(row)));
     }
 
     pub fn len(&self) -> usize {
@@ -374,7 +393,7 @@ impl Model {
     ) -> Self {
         let n = rows.entries.len();
         let mut model = Model {
-            entries: Vec::with_capacity(n),
+            entries: rows.entries,
             by_id: HashMap::with_capacity(n),
             n_live: 0,
             universities: HashMap::new(),
@@ -383,11 +402,10 @@ impl Model {
             cache: MatchCache::default(),
             lowercase,
         };
-        for entry in rows.entries {
-            let slot = model.entries.len() as u32;
+        for (slot, entry) in model.entries.iter().enumerate() {
+            let entry = entry.as_ref().expect("a loaded row is live");
             // Ids are the primary key, so each arrives once.
-            model.by_id.insert(entry.id, slot);
-            model.entries.push(Some(entry));
+            model.by_id.insert(entry.id, slot as u32);
         }
         model.n_live = model.by_id.len();
         let entries = &model.entries;
@@ -602,13 +620,13 @@ impl Model {
         if let Some(found) = self.cache.get(&lowered) {
             return found;
         }
-        let slots = search::matching(
+        let found = Arc::new(search::matching(
             &self.index,
             &lowered,
             |slot| self.entry(slot).map(Entry::document),
             self.live_slots(),
-        );
-        let found = Arc::new(MatchSet::from_sorted(slots, self.entries.len()));
+            self.entries.len(),
+        ));
         self.cache.put(lowered, found.clone());
         found
     }

@@ -113,14 +113,27 @@ pub async fn text_order(
     sqlx::query_scalar(&sql).fetch_all(conn).await
 }
 
-/// Every chat's id and version, for reconciliation.
-pub async fn versions(conn: &mut PgConnection) -> Result<Vec<VersionedId>, sqlx::Error> {
-    sqlx::query_as(
+/// How many chats the load will stream, so its buffer is allocated once.
+pub async fn count(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select count(*) from chats")
+        .fetch_one(conn)
+        .await
+}
+
+/// Every chat's id and version in id order, streamed into `sink`, for reconciliation.
+pub async fn versions(
+    conn: &mut PgConnection,
+    mut sink: impl FnMut(VersionedId),
+) -> Result<(), sqlx::Error> {
+    let mut rows = sqlx::query_as::<_, VersionedId>(
         "select c.id, c.xmin::text::bigint as chat_version, p.xmin::text::bigint as sync_version \
-         from chats c left join chat_participants p on p.chat_id = c.id",
+         from chats c left join chat_participants p on p.chat_id = c.id order by c.id",
     )
-    .fetch_all(conn)
-    .await
+    .fetch(conn);
+    while let Some(row) = rows.try_next().await? {
+        sink(row);
+    }
+    Ok(())
 }
 
 /// Every character (below U+30000) that the database's `lower()` changes, with what it

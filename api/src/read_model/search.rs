@@ -15,8 +15,8 @@ use memchr::memmem;
 /// would cost more memory than it saves work, and a word made only of such trigrams is common
 /// anyway, so a scan finds it about as fast.
 const MAX_INDEXED_SHARE: usize = 5; // one in five
-/// Most recent words whose matches are kept.
-const CACHED_WORDS: usize = 512;
+/// Bytes of recent words' match sets kept (about 200 common words' bitmaps at 150,000 chats).
+const CACHE_BYTES: usize = 4 << 20;
 
 /// The database's lowercase map: only the characters `lower()` changes.
 #[derive(Debug, Default)]
@@ -103,6 +103,14 @@ impl TrigramIndex {
         }
         // Slots arrive in ascending order, so every list is sorted already.
         Self { postings, common }
+    }
+
+    /// Slots held in all posting lists, and how many trigrams are indexed.
+    pub fn size(&self) -> (usize, usize) {
+        (
+            self.postings.values().map(Vec::len).sum(),
+            self.postings.len(),
+        )
     }
 
     pub fn remove(&mut self, slot: u32, text: &str) {
@@ -218,6 +226,14 @@ impl MatchSet {
         self.len() == 0
     }
 
+    /// Heap bytes this set holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            MatchSet::Sparse(slots) => slots.len() * 4,
+            MatchSet::Dense { bits, .. } => bits.len() * 8,
+        }
+    }
+
     pub fn contains(&self, slot: u32) -> bool {
         match self {
             MatchSet::Sparse(slots) => slots.binary_search(&slot).is_ok(),
@@ -278,46 +294,85 @@ impl MatchSet {
     }
 }
 
-/// Recent words' matching slots, valid for one generation of the documents.
+/// Recent words' matching slots, valid for one generation of the documents. Two generations
+/// approximate least-recently-used cheaply: when the young one fills up it becomes the old one,
+/// and a word found in the old one moves back to the young.
 #[derive(Debug, Default)]
 pub struct MatchCache {
-    entries: Mutex<HashMap<String, Arc<MatchSet>>>,
+    generations: Mutex<Generations>,
+}
+
+#[derive(Debug, Default)]
+struct Generations {
+    young: HashMap<String, Arc<MatchSet>>,
+    young_bytes: usize,
+    old: HashMap<String, Arc<MatchSet>>,
+}
+
+impl Generations {
+    fn insert(&mut self, word: String, slots: Arc<MatchSet>) {
+        let bytes = slots.bytes() + word.len();
+        if self.young_bytes + bytes > CACHE_BYTES / 2 {
+            self.old = std::mem::take(&mut self.young);
+            self.young_bytes = 0;
+        }
+        self.young_bytes += bytes;
+        self.young.insert(word, slots);
+    }
 }
 
 impl MatchCache {
     pub fn get(&self, word: &str) -> Option<Arc<MatchSet>> {
-        self.entries.lock().expect("cache lock").get(word).cloned()
+        let mut generations = self.generations.lock().expect("cache lock");
+        if let Some(found) = generations.young.get(word) {
+            return Some(found.clone());
+        }
+        let found = generations.old.remove(word)?;
+        generations.insert(word.to_owned(), found.clone());
+        Some(found)
     }
 
     pub fn put(&self, word: String, slots: Arc<MatchSet>) {
-        let mut entries = self.entries.lock().expect("cache lock");
-        if entries.len() >= CACHED_WORDS {
-            entries.clear();
-        }
-        entries.insert(word, slots);
+        let mut generations = self.generations.lock().expect("cache lock");
+        generations.insert(word, slots);
     }
 
     pub fn clear(&self) {
-        self.entries.lock().expect("cache lock").clear();
+        *self.generations.lock().expect("cache lock") = Generations::default();
     }
 }
 
-/// The slots (ascending) whose document contains the lowered `word`.
+/// The slots (of `n_slots`) whose document contains the lowered `word`. Matches are gathered
+/// in a bitmap (n / 8 bytes), never in a list as long as the table: many requests may compute
+/// a new common word at once.
 pub fn matching<'a>(
     index: &TrigramIndex,
     word: &str,
     document: impl Fn(u32) -> Option<&'a str>,
     all_slots: impl Iterator<Item = u32>,
-) -> Vec<u32> {
+    n_slots: usize,
+) -> MatchSet {
     let finder = memmem::Finder::new(word.as_bytes());
     let contains =
         |slot: u32| document(slot).is_some_and(|text| finder.find(text.as_bytes()).is_some());
+    let mut bits = vec![0u64; n_slots.div_ceil(64)];
+    let mut len = 0;
+    let mut mark = |slot: u32| {
+        bits[slot as usize / 64] |= 1 << (slot % 64);
+        len += 1;
+    };
     match index.candidates(word.as_bytes()) {
         Some(candidates) => candidates
             .into_iter()
-            .filter(|slot| contains(*slot))
-            .collect(),
-        None => all_slots.filter(|slot| contains(*slot)).collect(),
+            .filter(|s| contains(*s))
+            .for_each(&mut mark),
+        None => all_slots.filter(|s| contains(*s)).for_each(&mut mark),
+    }
+    let dense = MatchSet::Dense { bits, len };
+    if len.saturating_mul(DENSE_SHARE) < n_slots {
+        MatchSet::Sparse(dense.slots())
+    } else {
+        dense
     }
 }
 
@@ -345,7 +400,9 @@ mod tests {
             word,
             |slot| documents.get(slot as usize).copied(),
             0..documents.len() as u32,
+            documents.len(),
         )
+        .slots()
     }
 
     #[test]
@@ -366,8 +423,14 @@ mod tests {
         index.insert(1, "xyz abc");
         index.remove(0, "abc def");
         let documents = ["", "xyz abc"];
-        let found = matching(&index, "abc", |s| documents.get(s as usize).copied(), 0..2);
-        assert_eq!(found, vec![1]);
+        let found = matching(
+            &index,
+            "abc",
+            |s| documents.get(s as usize).copied(),
+            0..2,
+            2,
+        );
+        assert_eq!(found.slots(), vec![1]);
     }
 
     #[test]
@@ -397,6 +460,26 @@ mod tests {
             dense_evens.filter(|s| s < 10, n as usize).slots(),
             vec![0, 2, 4, 6, 8]
         );
+    }
+
+    #[test]
+    fn the_cache_keeps_what_is_used_and_forgets_the_rest() {
+        let cache = MatchCache::default();
+        let big = Arc::new(MatchSet::Sparse(vec![0; CACHE_BYTES / 4 / 4]));
+        cache.put("hot".into(), Arc::new(MatchSet::Sparse(vec![1])));
+        cache.put("a".into(), big.clone());
+        cache.put("b".into(), big.clone());
+        assert!(cache.get("hot").is_some());
+        cache.put("c".into(), big.clone());
+        assert!(
+            cache.get("hot").is_some(),
+            "a word in use survives a generation"
+        );
+        cache.put("d".into(), big.clone());
+        cache.put("e".into(), big);
+        assert!(cache.get("a").is_none(), "an unused word is forgotten");
+        cache.clear();
+        assert!(cache.get("hot").is_none());
     }
 
     #[test]

@@ -181,7 +181,10 @@ impl Syncer<'_> {
                 .await
                 .context("cannot read the database's lowercase map")?,
         );
-        let mut rows = LoadBuffer::default();
+        let expected = postgres::count(&mut tx)
+            .await
+            .context("cannot count chats")?;
+        let mut rows = LoadBuffer::with_capacity(usize::try_from(expected).unwrap_or(0));
         postgres::load_all(&mut tx, |row| rows.push(row))
             .await
             .context("cannot load chats")?;
@@ -203,8 +206,11 @@ impl Syncer<'_> {
             .with_label_values(&["full_load"])
             .inc_by(n_rows as u64);
         self.metrics.read_model_chats.set(n_rows as i64);
+        let (_, text_bytes, postings) = self.model.footprint().unwrap_or_default();
         tracing::info!(
             chats = n_rows,
+            text_bytes,
+            trigram_postings = postings,
             duration_ms = started.elapsed().as_millis() as u64,
             "read model loaded"
         );
@@ -254,21 +260,31 @@ impl Syncer<'_> {
     /// Compares every row's version with Postgres and reloads the ones that differ.
     async fn reconcile(&self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let mut conn = self.pool.acquire().await.context("cannot reconcile")?;
-        let theirs = postgres::versions(&mut conn)
-            .await
-            .context("cannot read row versions")?;
-        drop(conn);
-        let mut ours = self.model.versions();
+        // Both sides in id order, walked together: Postgres' rows stream past ours, and only
+        // the ids that differ (changed, new, or gone) are kept.
+        let ours = self.model.versions();
+        let mut at = 0;
         let mut differing = Vec::new();
-        for row in theirs {
-            match ours.remove(&row.id) {
-                Some(version) if version == row.version => {}
-                _ => differing.push(row.id),
+        let mut conn = self.pool.acquire().await.context("cannot reconcile")?;
+        postgres::versions(&mut conn, |row| {
+            while at < ours.len() && ours[at].0 < row.id {
+                differing.push(ours[at].0);
+                at += 1;
             }
-        }
+            if at < ours.len() && ours[at].0 == row.id {
+                if ours[at].1 != row.version {
+                    differing.push(row.id);
+                }
+                at += 1;
+            } else {
+                differing.push(row.id);
+            }
+        })
+        .await
+        .context("cannot read row versions")?;
+        drop(conn);
         // What is left of ours no longer exists in Postgres.
-        differing.extend(ours.into_keys());
+        differing.extend(ours[at..].iter().map(|(id, _)| *id));
         if !differing.is_empty() {
             tracing::info!(
                 chats = differing.len(),
