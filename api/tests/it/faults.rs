@@ -87,23 +87,13 @@ async fn redis_down_at_start_up_does_not_stop_the_api() {
     let dead_port = testkit::free_port();
     let args = crate::helpers::serve_args(&pg, &format!("redis://127.0.0.1:{dead_port}"));
     api::migrate(&args.database).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::run(args, listener, async move {
-        let _ = rx.await;
-    }));
+    let (address, tx, server) = crate::helpers::spawn_bare_api(args).await;
     let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
     sqlx::query("insert into chats (name, url, source) values ('x', 'u', 'admin_panel')")
         .execute(&db)
         .await
         .unwrap();
-    let token = crate::helpers::token_with(
-        crate::helpers::JWT_SECRET,
-        "super_admin",
-        None,
-        Utc::now().timestamp() + 60,
-    );
+    let token = crate::helpers::admin_token();
     let http = reqwest::Client::new();
     let started = std::time::Instant::now();
     let page = loop {
@@ -200,18 +190,8 @@ async fn an_api_started_while_postgres_is_down_answers_503_until_its_first_load(
         "insert into chats (name, url, source) values ('x', 'u', 'admin_panel')",
     );
     pg.stop();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::run(args, listener, async move {
-        let _ = rx.await;
-    }));
-    let token = crate::helpers::token_with(
-        crate::helpers::JWT_SECRET,
-        "super_admin",
-        None,
-        Utc::now().timestamp() + 60,
-    );
+    let (address, tx, server) = crate::helpers::spawn_bare_api(args).await;
+    let token = crate::helpers::admin_token();
     let http = reqwest::Client::new();
     let get = |path: &'static str| {
         let request = http

@@ -438,3 +438,54 @@ pub fn ids(page: &Json) -> Vec<i64> {
         .map(|chat| chat["id"].as_i64().unwrap())
         .collect()
 }
+
+/// Percent-encodes a query value byte by byte.
+pub fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every column of the legacy `sort_by` whitelist.
+pub const SORT_COLUMNS: [&str; 9] = [
+    "id",
+    "name",
+    "url",
+    "max_chat_id",
+    "participants_count",
+    "department",
+    "source",
+    "created_at",
+    "updated_at",
+];
+
+/// Starts the api in this process on a free port, outside a `TestApp` (for tests whose
+/// servers are down or odd at start-up): its address, the shutdown sender, and the task.
+pub async fn spawn_bare_api(
+    args: ServeArgs,
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    JoinHandle<anyhow::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(api::run(args, listener, async move {
+        let _ = rx.await;
+    }));
+    (address, tx, server)
+}
+
+/// A super_admin token valid for a minute, signed with the tests' secret.
+pub fn admin_token() -> String {
+    token_with(
+        JWT_SECRET,
+        "super_admin",
+        None,
+        chrono::Utc::now().timestamp() + 60,
+    )
+}

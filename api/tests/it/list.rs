@@ -1,6 +1,6 @@
 //! `GET /chats/all` and `GET /chats/{id}`: the legacy shape and semantics.
 
-use crate::helpers::{ids, NewChat, TestApp};
+use crate::helpers::{ids, urlencode, NewChat, TestApp};
 
 #[tokio::test]
 async fn list_has_the_legacy_shape_and_defaults() {
@@ -344,13 +344,4 @@ async fn a_single_chat_is_found_by_its_own_id_only() {
         let body: serde_json::Value = response.json().await.unwrap();
         assert!(body["error"]["code"].is_string(), "{path}: {body}");
     }
-}
-
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

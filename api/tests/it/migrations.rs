@@ -142,17 +142,7 @@ async fn every_sort_and_search_is_served_by_an_index() {
                 (array['admin_panel','bot_registrar','academic_group'])[1 + g % 3], now() - g * interval '1 minute', now() - g * interval '1 second' \
          from generate_series(1, 20000) g; analyze chats;",
     );
-    for column in [
-        "id",
-        "name",
-        "url",
-        "max_chat_id",
-        "participants_count",
-        "department",
-        "source",
-        "created_at",
-        "updated_at",
-    ] {
+    for column in crate::helpers::SORT_COLUMNS {
         for order in ["asc", "desc"] {
             let tie = if column == "id" {
                 String::new()
