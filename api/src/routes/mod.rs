@@ -68,6 +68,12 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .map(|path| path.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().clone();
+    // A metric label must not take whatever a client sends: a random method per request
+    // would make a new series each time, unauthenticated.
+    let method_label = match method.as_str() {
+        known @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => known,
+        _ => "other",
+    };
     // The request's span continues the caller's trace when it sent a `traceparent`; the trace
     // then goes on through the refresh stream into syncd's MAX call.
     let span = tracing::info_span!("http.request", otel.kind = "server", http.method = %method, http.route = %route);
@@ -88,7 +94,7 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     state
         .metrics
         .http_requests
-        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .with_label_values(&[route.as_str(), method_label, status.as_str()])
         .inc();
     state
         .metrics

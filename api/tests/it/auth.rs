@@ -71,6 +71,8 @@ async fn requests_without_a_valid_token_are_unauthorized() {
             );
         }
     }
+    let response = app.get("/chats/all", None).await;
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
     assert_eq!(
         status_and_code(&app, "/chats/all", Some(&format!("Bearer {valid}")))
             .await

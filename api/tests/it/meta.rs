@@ -111,6 +111,21 @@ async fn unknown_routes_and_methods_get_json_errors() {
     assert_eq!(response.status(), 405);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
+
+    // Made-up methods share one label instead of making a metric series each.
+    for n in 0..5 {
+        let method = reqwest::Method::from_bytes(format!("BOGUS{n}").as_bytes()).unwrap();
+        let response = app
+            .http
+            .request(method, app.url("/chats/all"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405);
+    }
+    let metrics = app.metrics().await;
+    assert!(!metrics.contains("BOGUS"), "a raw method became a label");
+    assert!(metrics.contains("method=\"other\""));
 }
 
 #[tokio::test]
