@@ -507,7 +507,12 @@ impl Model {
     fn apply(&mut self, delta: Delta) {
         let mut touched: Vec<u32> = Vec::new();
         let mut removed_any = false;
+        let mut added_any = false;
         let mut documents_changed = false;
+        let mut universities_changed = false;
+        // Which self-sorted columns must be re-placed: most changes (syncd's counts) move one or
+        // two, and re-placing costs a pass over the order under the write lock.
+        let mut moved = [false; SortColumn::ALL.len()];
         for id in delta.deleted {
             if let Some(slot) = self.by_id.remove(&id) {
                 if let Some(entry) = self.entries[slot as usize].take() {
@@ -531,6 +536,10 @@ impl Model {
                         self.index.insert(slot, entry.document());
                         documents_changed = true;
                     }
+                    universities_changed |= old.university_id != entry.university_id;
+                    for column in SortColumn::ALL.into_iter().filter(|c| !c.is_text()) {
+                        moved[column.index()] |= compare(column, old, &entry) != Ordering::Equal;
+                    }
                     *old = entry;
                     touched.push(slot);
                 }
@@ -540,6 +549,7 @@ impl Model {
                     self.index.insert(slot, entry.document());
                     self.entries.push(Some(entry));
                     self.n_live += 1;
+                    added_any = true;
                     documents_changed = true;
                     touched.push(slot);
                 }
@@ -551,7 +561,7 @@ impl Model {
         touched.sort_unstable();
         touched.dedup();
         for column in SortColumn::ALL {
-            if !column.is_text() {
+            if !column.is_text() && (removed_any || added_any || moved[column.index()]) {
                 self.merge_into_order(column, &touched);
             }
         }
@@ -573,7 +583,9 @@ impl Model {
                 self.set_text_order(column, &known);
             }
         }
-        self.count_universities();
+        if removed_any || added_any || universities_changed {
+            self.count_universities();
+        }
         if documents_changed {
             self.cache.clear();
         }
@@ -871,6 +883,48 @@ mod tests {
         assert_eq!((ids(&by_name), by_name.total), (vec![1, 5], 2));
         let by_url = model.page(Scope::All, &query(SortColumn::Url, SortOrder::Asc, &[]));
         assert_eq!(ids(&by_url), vec![1, 2, 4, 5]);
+    }
+
+    #[test]
+    fn an_update_re_places_only_the_columns_it_moves() {
+        let mut model = model();
+        let before = model.page(
+            Scope::All,
+            &query(SortColumn::CreatedAt, SortOrder::Asc, &[]),
+        );
+        // Chat 2 becomes the largest count; nothing else about it changes.
+        let mut changed = row(2, "a", Some(100), Some(2));
+        changed.version.chat_version = 2;
+        model.apply(Delta {
+            rows: vec![changed],
+            ..Delta::default()
+        });
+        let by_count = model.page(
+            Scope::All,
+            &query(SortColumn::ParticipantsCount, SortOrder::Asc, &[]),
+        );
+        assert_eq!(ids(&by_count), vec![4, 1, 3, 2]);
+        let by_created = model.page(
+            Scope::All,
+            &query(SortColumn::CreatedAt, SortOrder::Asc, &[]),
+        );
+        assert_eq!(ids(&by_created), ids(&before));
+        let moved = model.page(
+            Scope::University(2),
+            &query(SortColumn::Id, SortOrder::Asc, &[]),
+        );
+        assert_eq!((ids(&moved), moved.total), (vec![2], 1));
+        let mut to_nowhere = row(2, "a", Some(100), None);
+        to_nowhere.version.chat_version = 3;
+        model.apply(Delta {
+            rows: vec![to_nowhere],
+            ..Delta::default()
+        });
+        let gone = model.page(
+            Scope::University(2),
+            &query(SortColumn::Id, SortOrder::Asc, &[]),
+        );
+        assert_eq!((ids(&gone), gone.total), (vec![], 0));
     }
 
     #[test]
