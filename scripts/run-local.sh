@@ -102,6 +102,13 @@ for _ in $(seq 1 100); do
     port_busy "$API_PORT" && break
     sleep 0.1
 done
+# The api answers reads once its read model has loaded the chats (/health/ready).
+if command -v curl >/dev/null 2>&1; then
+    for _ in $(seq 1 100); do
+        curl -sf "http://127.0.0.1:$API_PORT/health/ready" >/dev/null && break
+        sleep 0.1
+    done
+fi
 
 TOKEN="$(./target/release/api token --role super_admin --ttl 24h)"
 cat >&2 <<MSG
