@@ -215,25 +215,6 @@ impl Cache {
         }
     }
 
-    /// Asks the syncd fleet for a full sweep (see `keys::FULL_SWEEP_REQUEST`).
-    pub async fn request_full_sweep(
-        &self,
-        at: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(), Unavailable> {
-        let client = self.usable().ok_or(Unavailable)?;
-        self.call(
-            "request a full sweep",
-            client.set::<(), _, _>(
-                keys::FULL_SWEEP_REQUEST,
-                at.timestamp_millis(),
-                None,
-                None,
-                false,
-            ),
-        )
-        .await
-    }
-
     /// syncd's fleet status hash, for `/health/detailed`.
     pub async fn syncd_status(&self) -> Result<HashMap<String, String>, Unavailable> {
         let client = self.usable().ok_or(Unavailable)?;

@@ -206,12 +206,19 @@ impl Stack {
 
     /// Asks the fleet for a full sweep, as `POST /admin/participants/full-update` does.
     pub async fn request_full_sweep(&self) -> anyhow::Result<()> {
-        let client = self.redis_client().await?;
-        let _: () = client
-            .set(shared::keys::FULL_SWEEP_REQUEST, 1, None, None, false)
-            .await?;
-        client.quit().await?;
-        Ok(())
+        match shared::sweeps::request(
+            &self.db,
+            shared::sweeps::SweepKind::Full,
+            shared::sweeps::StartedBy::Admin,
+            Some("bench"),
+        )
+        .await?
+        {
+            shared::sweeps::Requested::Recorded(_) => Ok(()),
+            shared::sweeps::Requested::AlreadyRunning(sweep) => {
+                anyhow::bail!("a full sweep already runs (slot {})", sweep.slot)
+            }
+        }
     }
 
     /// When the latest full sweep started and finished, and how many chats it did.

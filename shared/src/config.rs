@@ -12,14 +12,26 @@ pub const EXIT_CONFIG: u8 = 64;
 /// Parses the command line, or says why not: `--help` and `--version` print and exit 0, a bad
 /// flag or value prints clap's message (which names it) and exits `EXIT_CONFIG`.
 pub fn parse_or_exit<P: clap::Parser>() -> Result<P, std::process::ExitCode> {
-    P::try_parse().map_err(|error| {
-        let _ = error.print();
-        if error.use_stderr() {
-            std::process::ExitCode::from(EXIT_CONFIG)
-        } else {
-            std::process::ExitCode::SUCCESS
-        }
-    })
+    parse_or_exit_with(P::command())
+}
+
+/// `parse_or_exit` with a command built at run time (e.g. a `--help` that shows live values).
+pub fn parse_or_exit_with<P: clap::FromArgMatches>(
+    command: clap::Command,
+) -> Result<P, std::process::ExitCode> {
+    let mut command = command;
+    command
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|matches| P::from_arg_matches(&matches))
+        .map_err(|error| {
+            let error = error.format(&mut command);
+            let _ = error.print();
+            if error.use_stderr() {
+                std::process::ExitCode::from(EXIT_CONFIG)
+            } else {
+                std::process::ExitCode::SUCCESS
+            }
+        })
 }
 
 /// Parses a duration the way the seeds wrote them: a bare number is seconds (`3600`), otherwise a

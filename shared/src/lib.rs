@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod redis;
 pub mod refresh;
 pub mod shutdown;
+pub mod sweeps;
 pub mod telemetry;

@@ -3,11 +3,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use chrono_tz::Tz;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use secrecy::SecretString;
 use shared::config::{
     parse_bool, parse_duration, parse_secret, DatabaseArgs, FreshnessArgs, LogArgs, RedisArgs,
 };
+
+use crate::schedule::{interval_to_cron, Schedule, Schedules};
 
 /// Keeps participant counts fresh: consumes the refresh stream and sweeps the chats against
 /// the MAX Bot API, within one rate limit shared by every replica. Every flag can also be set
@@ -107,6 +110,121 @@ impl SyncArgs {
     }
 }
 
+/// When the sweeps run. Each schedule is a cron expression in `PARTICIPANTS_SCHEDULE_TZ`; the
+/// seed's `PARTICIPANTS_UPDATE_INTERVAL` and `PARTICIPANTS_FULL_UPDATE_HOUR` are still accepted
+/// and translated (setting a seed name and its cron expression together is refused).
+#[derive(Args, Debug, Clone)]
+pub struct ScheduleArgs {
+    /// Stale sweep schedule: a cron expression (5 fields, or 6 with seconds first) in
+    /// PARTICIPANTS_SCHEDULE_TZ, or `off` [default: */15 * * * *]
+    #[arg(long, env = "PARTICIPANTS_STALE_SWEEP_CRON")]
+    pub participants_stale_sweep_cron: Option<String>,
+
+    /// Full sweep schedule: a cron expression in PARTICIPANTS_SCHEDULE_TZ, or `off` (when a
+    /// Kubernetes CronJob runs `syncd sweep --full` instead) [default: 0 3 * * *]
+    #[arg(long, env = "PARTICIPANTS_FULL_SWEEP_CRON")]
+    pub participants_full_sweep_cron: Option<String>,
+
+    /// IANA timezone of both schedules, e.g. Europe/Moscow or UTC
+    #[arg(long, env = "PARTICIPANTS_SCHEDULE_TZ", default_value = "Europe/Moscow", value_parser = parse_tz)]
+    pub participants_schedule_tz: Tz,
+
+    /// Seed name: stale sweep period (15m means `*/15 * * * *`); it must divide a minute, an
+    /// hour or a day
+    #[arg(long, env = "PARTICIPANTS_UPDATE_INTERVAL", value_parser = parse_duration)]
+    pub participants_update_interval: Option<Duration>,
+
+    /// Seed name: hour 0-23 of the daily full sweep in PARTICIPANTS_SCHEDULE_TZ (3 means
+    /// `0 3 * * *`)
+    #[arg(long, env = "PARTICIPANTS_FULL_UPDATE_HOUR",
+          value_parser = clap::value_parser!(u32).range(0..=23))]
+    pub participants_full_update_hour: Option<u32>,
+}
+
+pub const DEFAULT_STALE_SWEEP_CRON: &str = "*/15 * * * *";
+pub const DEFAULT_FULL_SWEEP_CRON: &str = "0 3 * * *";
+
+fn parse_tz(text: &str) -> Result<Tz, String> {
+    text.trim().parse::<Tz>().map_err(|_| {
+        format!("`{text}` is not an IANA timezone name (e.g. Europe/Moscow, Europe/Berlin, UTC)")
+    })
+}
+
+impl ScheduleArgs {
+    /// The schedules in force, or a message naming the setting that is wrong.
+    pub fn schedules(&self) -> Result<Schedules, String> {
+        let tz = self.participants_schedule_tz;
+        let stale = match (
+            self.participants_stale_sweep_cron.as_deref(),
+            self.participants_update_interval,
+        ) {
+            (Some(_), Some(_)) => return Err("set PARTICIPANTS_STALE_SWEEP_CRON or its seed name PARTICIPANTS_UPDATE_INTERVAL, not both".to_owned()),
+            (Some(cron), None) => cron.to_owned(),
+            (None, Some(interval)) => interval_to_cron(interval)?,
+            (None, None) => DEFAULT_STALE_SWEEP_CRON.to_owned(),
+        };
+        let full = match (
+            self.participants_full_sweep_cron.as_deref(),
+            self.participants_full_update_hour,
+        ) {
+            (Some(_), Some(_)) => return Err("set PARTICIPANTS_FULL_SWEEP_CRON or its seed name PARTICIPANTS_FULL_UPDATE_HOUR, not both".to_owned()),
+            (Some(cron), None) => cron.to_owned(),
+            (None, Some(hour)) => format!("0 {hour} * * *"),
+            (None, None) => DEFAULT_FULL_SWEEP_CRON.to_owned(),
+        };
+        let parse = |expression: &str, setting: &str| -> Result<Option<Schedule>, String> {
+            if expression.trim().eq_ignore_ascii_case("off") {
+                return Ok(None);
+            }
+            Schedule::parse(expression, tz)
+                .map(Some)
+                .map_err(|e| format!("{setting}: {e}"))
+        };
+        Ok(Schedules {
+            stale: parse(&stale, "PARTICIPANTS_STALE_SWEEP_CRON")?,
+            full: parse(&full, "PARTICIPANTS_FULL_SWEEP_CRON")?,
+            tz,
+        })
+    }
+
+    /// The schedules the environment sets now, for `--help`.
+    fn from_env() -> Result<Self, String> {
+        let command = Self::augment_args(clap::Command::new("schedules").no_binary_name(true));
+        let matches = command
+            .try_get_matches_from(std::iter::empty::<String>())
+            .map_err(|e| e.kind().to_string())?;
+        Self::from_arg_matches(&matches).map_err(|e| e.to_string())
+    }
+}
+
+/// The `--help` epilogue: the schedules the environment sets, with their next runs.
+pub fn schedules_help() -> String {
+    let now = chrono::Utc::now();
+    match ScheduleArgs::from_env().and_then(|args| args.schedules()) {
+        Ok(schedules) => {
+            let mut text =
+                "Sweep schedules from this environment, and their next runs:\n".to_owned();
+            for line in schedules.describe(now) {
+                text.push_str("  ");
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        }
+        Err(error) => format!("Sweep schedules from this environment are invalid: {error}\n"),
+    }
+}
+
+/// The command line with the schedules' next runs under `--help` of every subcommand that
+/// reads them.
+pub fn command() -> clap::Command {
+    let help = schedules_help();
+    Cli::command()
+        .mut_subcommand("run", |c| c.after_help(help.clone()))
+        .mut_subcommand("sweep", |c| c.after_help(help.clone()))
+        .mut_subcommand("status", |c| c.after_help(help.clone()))
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -116,14 +234,8 @@ pub struct RunArgs {
     #[arg(long, env = "SYNCD_LISTEN_ADDR", default_value = "0.0.0.0:9091")]
     pub listen_addr: SocketAddr,
 
-    /// Stale sweep period: slots start at multiples of it since the Unix epoch
-    #[arg(long, env = "PARTICIPANTS_UPDATE_INTERVAL", default_value = "15m", value_parser = parse_duration)]
-    pub participants_update_interval: Duration,
-
-    /// Hour of the daily full sweep, 0-23, in UTC
-    #[arg(long, env = "PARTICIPANTS_FULL_UPDATE_HOUR", default_value_t = 3,
-          value_parser = clap::value_parser!(u32).range(0..=23))]
-    pub participants_full_update_hour: u32,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
 
     /// Run the cron sweeps; lazy, manual and operator-triggered refreshes run either way
     #[arg(long, env = "PARTICIPANTS_ENABLE_BACKGROUND_SYNC", default_value = "true", value_parser = parse_bool,
@@ -152,9 +264,7 @@ pub struct RunArgs {
 impl RunArgs {
     pub fn validate(&self) -> Result<(), String> {
         self.sync.validate()?;
-        if self.participants_update_interval < Duration::from_secs(1) {
-            return Err("PARTICIPANTS_UPDATE_INTERVAL must be at least 1s".to_owned());
-        }
+        self.schedule.schedules()?;
         if self.claim_idle < Duration::from_millis(100) {
             return Err("SYNCD_CLAIM_IDLE must be at least 100ms".to_owned());
         }
@@ -175,9 +285,15 @@ pub struct SweepArgs {
     #[arg(long)]
     pub stale: bool,
 
-    /// The update interval the stale sweep budgets for
-    #[arg(long, env = "PARTICIPANTS_UPDATE_INTERVAL", default_value = "15m", value_parser = parse_duration)]
-    pub participants_update_interval: Duration,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+}
+
+impl SweepArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        self.sync.validate()?;
+        self.schedule.schedules().map(|_| ())
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -202,12 +318,16 @@ pub struct StatusArgs {
     pub freshness: FreshnessArgs,
 
     #[command(flatten)]
+    pub schedule: ScheduleArgs,
+
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
 impl StatusArgs {
     pub fn validate(&self) -> Result<(), String> {
         self.freshness.validate()?;
+        self.schedule.schedules()?;
         shared::db::connect_options(&self.database).map_err(|e| e.to_string())?;
         shared::redis::validate_url(&self.redis).map_err(|e| e.to_string())
     }
@@ -249,8 +369,10 @@ mod tests {
         assert_eq!(args.sync.max_api_url, "https://platform-api2.max.ru");
         assert_eq!(args.sync.max_api_rps, 30.0);
         assert_eq!(args.sync.participants_batch_size, 50);
-        assert_eq!(args.participants_update_interval, Duration::from_secs(900));
-        assert_eq!(args.participants_full_update_hour, 3);
+        let schedules = args.schedule.schedules().unwrap();
+        assert_eq!(schedules.tz.name(), "Europe/Moscow");
+        assert_eq!(schedules.stale.unwrap().expression(), "*/15 * * * *");
+        assert_eq!(schedules.full.unwrap().expression(), "0 3 * * *");
         assert_eq!(
             args.sync.participants_inactive_recheck,
             Duration::from_secs(7 * 86_400)
@@ -258,6 +380,77 @@ mod tests {
         assert_eq!(args.listen_addr.port(), 9091);
         args.validate().unwrap();
         assert!(!format!("{args:?}").contains("t0ken-s3cret"));
+    }
+
+    #[test]
+    fn the_seed_names_translate_and_off_turns_a_schedule_off() {
+        let args = run_args(&[
+            "--participants-update-interval",
+            "5m",
+            "--participants-full-update-hour",
+            "4",
+            "--participants-schedule-tz",
+            "Europe/Berlin",
+        ])
+        .unwrap();
+        let schedules = args.schedule.schedules().unwrap();
+        assert_eq!(schedules.stale.unwrap().expression(), "0 */5 * * * *");
+        assert_eq!(schedules.full.unwrap().expression(), "0 4 * * *");
+        let args = run_args(&["--participants-full-sweep-cron", "off"]).unwrap();
+        assert!(args.schedule.schedules().unwrap().full.is_none());
+    }
+
+    #[test]
+    fn bad_schedules_name_their_setting() {
+        let err = run_args(&["--participants-schedule-tz", "Mars/Olympus"]).unwrap_err();
+        assert!(err.contains("participants-schedule-tz"), "{err}");
+        for (flags, setting) in [
+            (
+                vec!["--participants-full-sweep-cron", "0 25 * * *"],
+                "PARTICIPANTS_FULL_SWEEP_CRON",
+            ),
+            (
+                vec!["--participants-stale-sweep-cron", "every minute"],
+                "PARTICIPANTS_STALE_SWEEP_CRON",
+            ),
+            (
+                vec!["--participants-update-interval", "7m"],
+                "PARTICIPANTS_UPDATE_INTERVAL",
+            ),
+            (
+                vec![
+                    "--participants-update-interval",
+                    "5m",
+                    "--participants-stale-sweep-cron",
+                    "* * * * *",
+                ],
+                "PARTICIPANTS_UPDATE_INTERVAL",
+            ),
+            (
+                vec![
+                    "--participants-full-update-hour",
+                    "3",
+                    "--participants-full-sweep-cron",
+                    "0 3 * * *",
+                ],
+                "PARTICIPANTS_FULL_UPDATE_HOUR",
+            ),
+        ] {
+            let err = run_args(&flags).unwrap().validate().unwrap_err();
+            assert!(err.contains(setting), "{flags:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn help_shows_the_next_run_of_each_schedule_in_the_zone_and_in_utc() {
+        let help = command()
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("PARTICIPANTS_FULL_SWEEP_CRON"), "{help}");
+        assert!(help.contains("next runs"), "{help}");
+        assert!(help.contains(" UTC)"), "{help}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod max;
 pub mod metrics;
 pub mod refresher;
 pub mod report;
+pub mod schedule;
 pub mod status;
 pub mod store;
 pub mod sweep;
@@ -26,7 +27,8 @@ use crate::limiter::{Limiter, Urgency};
 use crate::metrics::Metrics;
 use crate::refresher::{Outcome, Refresher, RefresherParts};
 use crate::status::TokenState;
-use crate::sweep::{Progress, SweepKind, Sweeper};
+use crate::sweep::{Progress, Sweeper};
+use shared::sweeps::SweepKind;
 
 /// The pieces every command builds from `SyncArgs`.
 struct Parts {
@@ -143,14 +145,10 @@ pub async fn run(
         stale_threshold: args.sync.freshness.participants_stale_threshold,
         due_age: args.sync.freshness.due_age(),
         inactive_recheck: args.sync.participants_inactive_recheck,
-        update_interval: args.participants_update_interval,
+        schedules: args.schedule.schedules().map_err(anyhow::Error::msg)?,
         rps: args.sync.max_api_rps,
     };
-    tracker.spawn(sweeper.run_scheduler(
-        args.participants_enable_background_sync,
-        args.participants_full_update_hour,
-        cancel.clone(),
-    ));
+    tracker.spawn(sweeper.run_scheduler(args.participants_enable_background_sync, cancel.clone()));
     tracker.close();
     tracing::info!(%address, consumer = %name, rps = args.sync.max_api_rps,
         background_sync = args.participants_enable_background_sync, "syncd running");
@@ -174,7 +172,8 @@ pub async fn run(
     Ok(())
 }
 
-/// `syncd sweep`: one sweep, recorded like a scheduled one, then exit.
+/// `syncd sweep`: the schedule's current slot of the kind, swept once across the fleet: run here,
+/// or awaited when a replica (or another `syncd sweep`) already runs it; then exit.
 pub async fn sweep_once(
     args: SweepArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -186,12 +185,6 @@ pub async fn sweep_once(
         SweepKind::Stale
     };
     let owner = format!("sweep-{}", default_consumer_name());
-    let slot = store::request_sweep(&parts.db, kind.as_str())
-        .await
-        .context("cannot record the sweep in Postgres")?;
-    let sweep = store::claim_requested(&parts.db, kind.as_str(), slot, &owner, sweep::LEASE)
-        .await?
-        .context("the sweep was taken by a running syncd")?;
     let sweeper = Sweeper {
         db: parts.db.clone(),
         redis: parts.redis.clone(),
@@ -201,7 +194,7 @@ pub async fn sweep_once(
         stale_threshold: args.sync.freshness.participants_stale_threshold,
         due_age: args.sync.freshness.due_age(),
         inactive_recheck: args.sync.participants_inactive_recheck,
-        update_interval: args.participants_update_interval,
+        schedules: args.schedule.schedules().map_err(anyhow::Error::msg)?,
         rps: args.sync.max_api_rps,
     };
     let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -225,7 +218,7 @@ pub async fn sweep_once(
             cancel.cancel();
         })
     };
-    let summary = sweeper.run(sweep, &progress, &cancel).await;
+    let summary = sweeper.run_command(kind, &progress, &cancel).await;
     if let Progress::Bar(bar) = &progress {
         bar.finish();
     }

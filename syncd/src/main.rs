@@ -3,17 +3,17 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use shared::config::{parse_or_exit, EXIT_CONFIG};
+use shared::config::{parse_or_exit_with, EXIT_CONFIG};
 use syncd::config::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli: Cli = match parse_or_exit() {
+    let cli: Cli = match parse_or_exit_with(syncd::config::command()) {
         Ok(cli) => cli,
         Err(code) => return code,
     };
     let (validation, log) = match &cli.command {
         Command::Run(args) => (args.validate(), &args.sync.log),
-        Command::Sweep(args) => (args.sync.validate(), &args.sync.log),
+        Command::Sweep(args) => (args.validate(), &args.sync.log),
         Command::Refresh(args) => (args.sync.validate(), &args.sync.log),
         Command::Status(args) => (args.validate(), &args.log),
     };

@@ -51,6 +51,19 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether a MAX call was made for the chat (not stopped before it, nor refused for the
+    /// token).
+    pub fn asked_max(&self) -> bool {
+        match self {
+            Outcome::Fresh { .. } => true,
+            Outcome::Gone { status, .. } => status != "invalid_id",
+            Outcome::Failed { kind, .. } => {
+                !matches!(kind.as_str(), "stopped" | "shutting_down" | "invalid_token")
+            }
+            Outcome::TokenInvalid => false,
+        }
+    }
+
     /// Whether the chat needs no further attempt for now.
     pub fn is_settled(&self) -> bool {
         matches!(self, Outcome::Fresh { .. } | Outcome::Gone { .. })

@@ -7,6 +7,7 @@ use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
 use fred::prelude::*;
 use shared::keys::{self, status};
+use shared::sweeps::SweepState;
 
 use crate::config::StatusArgs;
 
@@ -84,49 +85,61 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
             .unwrap_or_default(),
     )?;
 
-    writeln!(out, "\nSWEEP  SLOT                       STARTED                    FINISHED                   DONE/PLANNED    FAILED  COVERAGE")?;
-    let sweeps: Vec<SweepRow> = sqlx::query_as(
-        "select kind, slot, started_at, finished_at, done, planned, failed, owner from sync_sweeps \
-         order by slot desc limit 8",
-    )
-    .fetch_all(&db)
-    .await
-    .context("cannot read sync_sweeps (DATABASE_URL)")?;
+    let schedules = args.schedule.schedules().map_err(anyhow::Error::msg)?;
+    writeln!(out, "\nSCHEDULE (next run in the zone, and in UTC)")?;
+    for line in schedules.describe(now) {
+        writeln!(out, "{line}")?;
+    }
+
+    writeln!(out, "\nSWEEP  SLOT                 BY        STARTED              STATE                         DONE/PLANNED    FAILED   CALLS  COVERAGE")?;
+    let sweeps = shared::sweeps::recent(&db, 8)
+        .await
+        .context("cannot read sync_sweeps (DATABASE_URL)")?;
     if sweeps.is_empty() {
         writeln!(out, "(none yet)")?;
     }
-    for SweepRow {
-        kind,
-        slot,
-        started_at: started,
-        finished_at: finished,
-        done,
-        planned,
-        failed,
-        owner,
-    } in sweeps
-    {
-        let planned = planned.unwrap_or(0);
+    for sweep in sweeps {
+        let planned = sweep.planned.unwrap_or(0);
         let coverage = if planned > 0 {
             format!(
                 "{:.1}%",
-                100.0 * f64::from(done - failed) / f64::from(planned)
+                100.0 * f64::from(sweep.done - sweep.failed) / f64::from(planned)
             )
         } else {
             "-".into()
         };
-        let finished = match (finished, owner) {
-            (Some(at), _) => at.format("%Y-%m-%d %H:%M:%S").to_string(),
-            (None, Some(owner)) => format!("running on {owner}"),
-            (None, None) => "waiting".to_owned(),
+        let state = match sweep.state() {
+            SweepState::Finished => format!(
+                "finished {}",
+                sweep
+                    .finished_at
+                    .unwrap_or(sweep.started_at)
+                    .format("%H:%M:%S")
+            ),
+            SweepState::Covered => format!(
+                "covered by {}",
+                sweep
+                    .covered_by
+                    .unwrap_or(sweep.slot)
+                    .format("%m-%d %H:%M:%S")
+            ),
+            SweepState::Running => {
+                format!("running on {}", sweep.owner.as_deref().unwrap_or("-"))
+            }
+            SweepState::Orphaned => "orphaned (resumes soon)".to_owned(),
+            SweepState::Waiting => "waiting".to_owned(),
         };
         writeln!(
             out,
-            "{kind:<6} {:<26} {:<26} {finished:<26} {:>6}/{:<8} {failed:>6}  {coverage}",
-            slot.format("%Y-%m-%d %H:%M:%S"),
-            started.format("%Y-%m-%d %H:%M:%S"),
-            done,
-            planned
+            "{:<6} {:<20} {:<9} {:<20} {state:<29} {:>6}/{:<8} {:>6}  {:>6}  {coverage}",
+            sweep.kind.as_str(),
+            sweep.slot.format("%Y-%m-%d %H:%M:%S"),
+            sweep.started_by().map_or("-", |by| by.as_str()),
+            sweep.started_at.format("%Y-%m-%d %H:%M:%S"),
+            sweep.done,
+            planned,
+            sweep.failed,
+            sweep.calls,
         )?;
     }
 
@@ -164,18 +177,6 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     writeln!(out, "{:<38} {total:>6}", "total")?;
     db.close().await;
     Ok(out)
-}
-
-#[derive(sqlx::FromRow)]
-struct SweepRow {
-    kind: String,
-    slot: DateTime<Utc>,
-    started_at: DateTime<Utc>,
-    finished_at: Option<DateTime<Utc>>,
-    done: i32,
-    planned: Option<i32>,
-    failed: i32,
-    owner: Option<String>,
 }
 
 fn show(value: Option<i64>) -> String {

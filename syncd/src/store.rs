@@ -2,7 +2,8 @@
 //! sweep bookkeeping. The one place syncd's SQL lives.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use shared::sweeps::{self, StartedBy, SweepKind, SweepRecord, SweepState, RECORD_COLUMNS};
+use sqlx::{PgPool, Postgres, Transaction};
 
 /// A chat as syncd sees it before asking MAX.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -211,36 +212,118 @@ pub async fn record_reads(pool: &PgPool, reads: &[(i32, i32)]) -> Result<(), sql
     Ok(())
 }
 
-/// One sweep's row.
+/// One sweep's row, as its owner works on it.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Sweep {
-    pub kind: String,
+    #[sqlx(try_from = "String")]
+    pub kind: SweepKind,
     pub slot: DateTime<Utc>,
     pub position: i32,
     pub planned: Option<i32>,
     pub done: i32,
     pub failed: i32,
+    pub calls: i32,
 }
 
-/// Claims a cron slot; `None` when another replica already has (or had) it.
+const SWEEP_COLUMNS: &str = "kind, slot, position, planned, done, failed, calls";
+
+/// What claiming a slot found.
+#[derive(Debug)]
+pub enum Claim {
+    /// The slot is this process's to run (new, or resumed from an owner that stopped).
+    Claimed(Sweep),
+    /// Another process holds the slot, or it is done.
+    Taken(SweepRecord),
+    /// Another sweep of the kind was running when the slot came; the slot is recorded as served
+    /// by it.
+    Covered(SweepRecord),
+}
+
+/// Claims a slot of `kind`, so that it runs once across the fleet and never beside another
+/// sweep of its kind: the first caller records and runs it; a later caller finds it `Taken`
+/// (or takes it over when its owner's lease lapsed); a slot that comes while another sweep of
+/// the kind runs is `Covered` by that sweep.
 pub async fn claim_slot(
     pool: &PgPool,
-    kind: &str,
+    kind: SweepKind,
     slot: DateTime<Utc>,
     owner: &str,
     lease: std::time::Duration,
-) -> Result<Option<Sweep>, sqlx::Error> {
-    sqlx::query_as(
-        "insert into sync_sweeps (kind, slot, owner, lease_until) \
-         values ($1, $2, $3, now() + make_interval(secs => $4)) \
-         on conflict (kind, slot) do nothing \
-         returning kind, slot, position, planned, done, failed",
-    )
-    .bind(kind)
+    started_by: StartedBy,
+) -> Result<Claim, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sweeps::lock_kind(&mut tx, kind).await?;
+    if let Some(existing) = sweep_record(&mut *tx, kind, slot).await? {
+        let claim = match existing.state() {
+            SweepState::Waiting | SweepState::Orphaned => {
+                Claim::Claimed(take(&mut tx, kind, slot, owner, lease).await?)
+            }
+            _ => Claim::Taken(existing),
+        };
+        tx.commit().await?;
+        return Ok(claim);
+    }
+    if let Some(running) = sweeps::unfinished(&mut tx, kind).await? {
+        sqlx::query(
+            "insert into sync_sweeps (kind, slot, started_by, started_at, finished_at, covered_by) \
+             values ($1, $2, $3, now(), now(), $4)",
+        )
+        .bind(kind.as_str())
+        .bind(slot)
+        .bind(started_by.as_str())
+        .bind(running.slot)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        return Ok(Claim::Covered(running));
+    }
+    let sweep = sqlx::query_as(&format!(
+        "insert into sync_sweeps (kind, slot, owner, lease_until, started_by) \
+         values ($1, $2, $3, now() + make_interval(secs => $4), $5) \
+         returning {SWEEP_COLUMNS}"
+    ))
+    .bind(kind.as_str())
     .bind(slot)
     .bind(owner)
     .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
+    .bind(started_by.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Claim::Claimed(sweep))
+}
+
+async fn take(
+    tx: &mut Transaction<'_, Postgres>,
+    kind: SweepKind,
+    slot: DateTime<Utc>,
+    owner: &str,
+    lease: std::time::Duration,
+) -> Result<Sweep, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "update sync_sweeps set owner = $3, lease_until = now() + make_interval(secs => $4) \
+         where kind = $1 and slot = $2 returning {SWEEP_COLUMNS}"
+    ))
+    .bind(kind.as_str())
+    .bind(slot)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// One sweep's record, to watch a sweep another process runs.
+pub async fn sweep_record<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    kind: SweepKind,
+    slot: DateTime<Utc>,
+) -> Result<Option<SweepRecord>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "select {RECORD_COLUMNS} from sync_sweeps where kind = $1 and slot = $2"
+    ))
+    .bind(kind.as_str())
+    .bind(slot)
+    .fetch_optional(db)
     .await
 }
 
@@ -257,7 +340,7 @@ pub async fn take_over_orphan(
                where finished_at is null and (owner is null or lease_until < now()) \
                order by slot limit 1 for update skip locked) o \
          where s.kind = o.kind and s.slot = o.slot \
-         returning s.kind, s.slot, s.position, s.planned, s.done, s.failed",
+         returning s.kind, s.slot, s.position, s.planned, s.done, s.failed, s.calls",
     )
     .bind(owner)
     .bind(lease.as_secs_f64())
@@ -266,7 +349,7 @@ pub async fn take_over_orphan(
 }
 
 /// Writes a sweep's progress (`position`, `planned`, `done`, `failed`) to its row, with the
-/// extra `set` and `where` clauses of the caller; `$8` is `lease` in seconds when given.
+/// extra `set` and `where` clauses of the caller; `$9` is `lease` in seconds when given.
 /// Returns the rows updated (0 when the row is no longer this owner's).
 async fn write_progress(
     pool: &PgPool,
@@ -277,17 +360,18 @@ async fn write_progress(
     lease: Option<std::time::Duration>,
 ) -> Result<u64, sqlx::Error> {
     let sql = format!(
-        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, {extra_set} \
-         where kind = $1 and slot = $2 and owner = $3 {extra_where}"
+        "update sync_sweeps set position = $4, planned = $5, done = $6, failed = $7, calls = $8, \
+         {extra_set} where kind = $1 and slot = $2 and owner = $3 {extra_where}"
     );
     let mut query = sqlx::query(&sql)
-        .bind(&sweep.kind)
+        .bind(sweep.kind.as_str())
         .bind(sweep.slot)
         .bind(owner)
         .bind(sweep.position)
         .bind(sweep.planned)
         .bind(sweep.done)
-        .bind(sweep.failed);
+        .bind(sweep.failed)
+        .bind(sweep.calls);
     if let Some(lease) = lease {
         query = query.bind(lease.as_secs_f64());
     }
@@ -305,7 +389,7 @@ pub async fn advance_sweep(
         pool,
         sweep,
         owner,
-        "lease_until = now() + make_interval(secs => $8)",
+        "lease_until = now() + make_interval(secs => $9)",
         "and finished_at is null",
         Some(lease),
     )
@@ -338,44 +422,4 @@ pub async fn release_sweep(pool: &PgPool, sweep: &Sweep, owner: &str) -> Result<
     )
     .await?;
     Ok(())
-}
-
-/// The newest slot the fleet has claimed for a kind of scheduled sweep.
-pub async fn last_slot(pool: &PgPool, kind: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar("select max(slot) from sync_sweeps where kind = $1")
-        .bind(kind)
-        .fetch_one(pool)
-        .await
-}
-
-/// Asks for a sweep now (an operator's request); a replica picks it up within seconds.
-pub async fn request_sweep(pool: &PgPool, kind: &str) -> Result<DateTime<Utc>, sqlx::Error> {
-    sqlx::query_scalar(
-        "insert into sync_sweeps (kind, slot) values ($1, date_trunc('milliseconds', now())) \
-         on conflict (kind, slot) do nothing returning slot",
-    )
-    .bind(kind)
-    .fetch_one(pool)
-    .await
-}
-
-/// Claims a requested sweep for this process (the one-shot `syncd sweep`).
-pub async fn claim_requested(
-    pool: &PgPool,
-    kind: &str,
-    slot: DateTime<Utc>,
-    owner: &str,
-    lease: std::time::Duration,
-) -> Result<Option<Sweep>, sqlx::Error> {
-    sqlx::query_as(
-        "update sync_sweeps set owner = $3, lease_until = now() + make_interval(secs => $4) \
-         where kind = $1 and slot = $2 and owner is null and finished_at is null \
-         returning kind, slot, position, planned, done, failed",
-    )
-    .bind(kind)
-    .bind(slot)
-    .bind(owner)
-    .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
-    .await
 }

@@ -1,76 +1,40 @@
-//! Sweeps: the stale sweep every `PARTICIPANTS_UPDATE_INTERVAL`, the full sweep daily at
-//! `PARTICIPANTS_FULL_UPDATE_HOUR` (UTC), and sweeps an operator asks for.
+//! Sweeps: the stale and full sweeps on their cron schedules (`schedule`), the sweeps operators
+//! ask for, and the work of one sweep, page by page.
 //!
-//! Slots are plain arithmetic on UTC (no cron library, so no DST drift): a stale slot starts at
-//! each multiple of the interval since the epoch, the full slot at the hour each day. A replica
-//! runs a slot only after claiming its row in `sync_sweeps` (`insert ... on conflict do
-//! nothing`), so each slot runs once across the fleet. Only the newest due slot is considered,
-//! so slots missed during downtime run once; a fleet with no recorded run waits for the next
-//! slot. The owner renews a lease as it advances; a sweep whose owner died is taken over and
-//! resumes from its recorded position.
+//! Each schedule has a loop of its own, so a long full sweep never holds a stale slot back. A
+//! loop wakes at its next slot (or when the cron trigger fires) and claims the due slot in
+//! `sync_sweeps`; the claim decides who runs, so each slot runs once across the fleet, and never
+//! beside another sweep of its kind: a slot that comes while one runs is recorded as covered by
+//! it. Only the newest due slot is considered, so slots missed during downtime run once; a fleet
+//! with no recorded run waits for the next slot. The owner renews a lease as it advances; a
+//! sweep whose owner died, or that an operator asked for, is taken over and resumes from its
+//! recorded position.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Utc};
 use indicatif::ProgressBar;
+use shared::sweeps::{self, StartedBy, SweepKind, SweepRecord, SweepState};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::limiter::Urgency;
 use crate::metrics::Metrics;
 use crate::refresher::{Outcome, Refresher};
-use crate::store::{self, Sweep};
+use crate::schedule::{self, Schedule, Schedules, Trigger, MAX_NAP};
+use crate::store::{self, Claim, Sweep};
 
 /// How long a claim holds without renewal; renewed after every page.
 pub const LEASE: Duration = Duration::from_secs(120);
 /// Share of one interval's rate budget a stale sweep plans for; the rest is left to lazy and
 /// manual refreshes.
 const STALE_BUDGET_SHARE: f64 = 0.8;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SweepKind {
-    Stale,
-    Full,
-}
-
-impl SweepKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SweepKind::Stale => "stale",
-            SweepKind::Full => "full",
-        }
-    }
-
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "stale" => Some(SweepKind::Stale),
-            "full" => Some(SweepKind::Full),
-            _ => None,
-        }
-    }
-}
-
-/// The newest stale slot at or before `now`.
-pub fn stale_slot(now: DateTime<Utc>, interval: Duration) -> DateTime<Utc> {
-    let step = interval.as_millis().max(1) as i64;
-    let ms = now.timestamp_millis().div_euclid(step) * step;
-    Utc.timestamp_millis_opt(ms).single().unwrap_or(now)
-}
-
-/// The newest full slot (`hour`:00 UTC) at or before `now`.
-pub fn full_slot(now: DateTime<Utc>, hour: u32) -> DateTime<Utc> {
-    let today = now
-        .with_hour(hour)
-        .and_then(|t| t.with_minute(0))
-        .and_then(|t| t.with_second(0))
-        .and_then(|t| t.with_nanosecond(0))
-        .unwrap_or(now);
-    if today <= now {
-        today
-    } else {
-        today - chrono::Duration::days(1)
-    }
-}
+/// The interval a stale sweep budgets for when its schedule is off (`syncd sweep --stale`).
+const STALE_PERIOD_UNSCHEDULED: Duration = Duration::from_secs(900);
+/// How often a replica looks for sweeps to take over (asked for, or orphaned).
+const REQUESTS_EVERY: Duration = Duration::from_secs(2);
 
 /// How a sweep reports progress: a bar on a terminal, log lines otherwise.
 pub enum Progress {
@@ -88,7 +52,7 @@ pub struct Sweeper {
     /// Age at which a count is due for the stale sweep (threshold less refresh-ahead).
     pub due_age: Duration,
     pub inactive_recheck: Duration,
-    pub update_interval: Duration,
+    pub schedules: Schedules,
     pub rps: f64,
 }
 
@@ -101,94 +65,250 @@ pub struct Summary {
     pub finished: bool,
 }
 
+impl Summary {
+    fn of(record: &SweepRecord) -> Self {
+        Self {
+            planned: record.planned.unwrap_or_default().into(),
+            done: record.done.into(),
+            failed: record.failed.into(),
+            finished: record.finished_at.is_some(),
+        }
+    }
+}
+
 impl Sweeper {
     fn page_size(&self) -> i64 {
         let batch = self.refresher.batch_size() as i64;
         ((self.rps * 10.0) as i64).clamp(batch, 1000.max(batch))
     }
 
-    fn stale_budget(&self) -> i64 {
-        ((self.rps * self.update_interval.as_secs_f64() * STALE_BUDGET_SHARE) as i64).max(1)
+    /// What a stale sweep of `slot` may ask: its share of the budget until the next slot.
+    fn stale_budget(&self, slot: DateTime<Utc>) -> i64 {
+        let period = self
+            .schedules
+            .stale
+            .as_ref()
+            .and_then(|s| s.period_after(slot))
+            .unwrap_or(STALE_PERIOD_UNSCHEDULED);
+        ((self.rps * period.as_secs_f64() * STALE_BUDGET_SHARE) as i64).max(1)
     }
 
-    /// Runs the scheduled and requested sweeps until `cancel`.
-    pub async fn run_scheduler(
-        self,
-        background_sync: bool,
-        full_hour: u32,
+    /// Runs the scheduled sweeps (when `background_sync`) and the sweeps operators ask for,
+    /// until `cancel`.
+    pub async fn run_scheduler(self, background_sync: bool, cancel: CancellationToken) {
+        let this = Arc::new(self);
+        let kinds: Vec<SweepKind> = if background_sync {
+            [SweepKind::Stale, SweepKind::Full]
+                .into_iter()
+                .filter(|kind| this.schedules.of(*kind).is_some())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let trigger = Trigger::start(&this.schedules, &kinds).await;
+        let tasks = TaskTracker::new();
+        tasks.spawn(this.clone().run_requests(cancel.clone()));
+        for kind in kinds {
+            let Some(schedule) = this.schedules.of(kind).cloned() else {
+                continue;
+            };
+            for line in this.schedules.describe(Utc::now()) {
+                if line.starts_with(kind.as_str()) {
+                    tracing::info!(kind = kind.as_str(), schedule = %line, "sweep schedule");
+                }
+            }
+            tasks.spawn(this.clone().run_schedule(
+                kind,
+                schedule,
+                trigger.waker(kind),
+                cancel.clone(),
+            ));
+        }
+        tasks.close();
+        tasks.wait().await;
+        trigger.shutdown().await;
+    }
+
+    /// The loop of one schedule: at each slot (woken by the cron trigger, or by its own timer
+    /// set to the next slot), claim the due slot and run it.
+    async fn run_schedule(
+        self: Arc<Self>,
+        kind: SweepKind,
+        schedule: Schedule,
+        wake: Arc<tokio::sync::Notify>,
         cancel: CancellationToken,
     ) {
         let started = Utc::now();
         while !cancel.is_cancelled() {
-            if let Err(error) = self
-                .tick(background_sync, full_hour, started, &cancel)
-                .await
-            {
+            if let Err(error) = self.run_due_slot(kind, &schedule, started, &cancel).await {
                 tracing::warn!(
+                    kind = kind.as_str(),
                     error = format!("{error:#}"),
                     "sweep scheduling failed; retrying"
                 );
             }
             let now = Utc::now();
-            let next_stale = stale_slot(now, self.update_interval)
-                + chrono::Duration::from_std(self.update_interval).unwrap_or_default();
-            let until_next = (next_stale - now).to_std().unwrap_or_default();
+            let until_next = schedule
+                .next_after(now)
+                .and_then(|next| (next - now).to_std().ok())
+                .unwrap_or(MAX_NAP)
+                .min(MAX_NAP);
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(until_next.min(Duration::from_secs(5)) + Duration::from_millis(5)) => {}
+                () = tokio::time::sleep(until_next + Duration::from_millis(5)) => {}
+                () = wake.notified() => {}
             }
         }
     }
 
-    async fn tick(
+    async fn run_due_slot(
         &self,
-        background_sync: bool,
-        full_hour: u32,
+        kind: SweepKind,
+        schedule: &Schedule,
         started: DateTime<Utc>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
-        // An operator's request through the api: the replica that takes it records the sweep.
+        let last = sweeps::last_scheduled_slot(&self.db, kind).await?;
+        let Some(slot) = schedule::due_slot(schedule, Utc::now(), last, started) else {
+            return Ok(());
+        };
+        match store::claim_slot(
+            &self.db,
+            kind,
+            slot,
+            &self.owner,
+            LEASE,
+            StartedBy::Schedule,
+        )
+        .await?
+        {
+            Claim::Claimed(sweep) => {
+                tracing::info!(kind = kind.as_str(), %slot, "claimed a sweep slot");
+                self.run(sweep, &Progress::Log, cancel).await?;
+            }
+            Claim::Covered(running) => tracing::info!(
+                kind = kind.as_str(), %slot, running = %running.slot,
+                "a sweep of this kind is still running; it serves this slot too"
+            ),
+            Claim::Taken(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Takes over the sweeps nobody runs: asked for by an admin, handed back by a replica that
+    /// stopped, or left by one that died.
+    async fn run_requests(self: Arc<Self>, cancel: CancellationToken) {
+        while !cancel.is_cancelled() {
+            if let Err(error) = self.take_requests(&cancel).await {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "taking over sweeps failed; retrying"
+                );
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(REQUESTS_EVERY) => {}
+            }
+        }
+    }
+
+    async fn take_requests(&self, cancel: &CancellationToken) -> anyhow::Result<()> {
+        // The Redis flag of the api before 2026-12: honoured while such an api may still run.
         let requested: Result<Option<i64>, _> =
             fred::prelude::KeysInterface::getdel(&self.redis, shared::keys::FULL_SWEEP_REQUEST)
                 .await;
         if let Ok(Some(_)) = requested {
-            let slot = store::request_sweep(&self.db, SweepKind::Full.as_str()).await?;
-            tracing::info!(%slot, "full sweep requested by an operator");
+            match sweeps::request(&self.db, SweepKind::Full, StartedBy::Admin, None).await? {
+                sweeps::Requested::Recorded(sweep) => {
+                    tracing::info!(slot = %sweep.slot, "full sweep requested by an operator")
+                }
+                sweeps::Requested::AlreadyRunning(running) => {
+                    tracing::info!(running = %running.slot, "full sweep requested while one runs; nothing to add")
+                }
+            }
         }
-        // Sweeps an operator asked for, or that a stopped replica left unfinished.
         while !cancel.is_cancelled() {
             let Some(sweep) = store::take_over_orphan(&self.db, &self.owner, LEASE).await? else {
                 break;
             };
-            tracing::info!(kind = %sweep.kind, slot = %sweep.slot, done = sweep.done, "resuming a sweep");
+            tracing::info!(kind = %sweep.kind, slot = %sweep.slot, done = sweep.done, "taking over a sweep");
             self.run(sweep, &Progress::Log, cancel).await?;
         }
-        if !background_sync {
-            return Ok(());
-        }
-        let now = Utc::now();
-        for (kind, due) in [
-            (SweepKind::Full, full_slot(now, full_hour)),
-            (SweepKind::Stale, stale_slot(now, self.update_interval)),
-        ] {
-            if cancel.is_cancelled() {
-                break;
-            }
-            let eligible = match store::last_slot(&self.db, kind.as_str()).await? {
-                Some(last) => due > last,
-                None => due >= started,
-            };
-            if !eligible {
-                continue;
-            }
-            if let Some(sweep) =
-                store::claim_slot(&self.db, kind.as_str(), due, &self.owner, LEASE).await?
-            {
-                tracing::info!(kind = kind.as_str(), slot = %due, "claimed a sweep slot");
-                self.run(sweep, &Progress::Log, cancel).await?;
-            }
-        }
         Ok(())
+    }
+
+    /// `syncd sweep`: takes the schedule's current slot of `kind` and runs it, or, when another
+    /// process runs that slot (or a sweep of the kind that covers it), waits for it to finish.
+    /// A slot already swept is not swept again.
+    pub async fn run_command(
+        &self,
+        kind: SweepKind,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Summary> {
+        let slot = self.schedules.command_slot(kind, Utc::now());
+        loop {
+            let watched = match store::claim_slot(
+                &self.db,
+                kind,
+                slot,
+                &self.owner,
+                LEASE,
+                StartedBy::Command,
+            )
+            .await?
+            {
+                Claim::Claimed(sweep) => {
+                    tracing::info!(kind = kind.as_str(), %slot, "sweeping the slot");
+                    return self.run(sweep, progress, cancel).await;
+                }
+                Claim::Taken(record) if record.finished_at.is_some() => {
+                    let served = record.covered_by.unwrap_or(record.slot);
+                    tracing::info!(kind = kind.as_str(), %slot, served_by = %served, "this slot was already swept");
+                    let served = store::sweep_record(&self.db, kind, served).await?;
+                    return Ok(served.as_ref().map(Summary::of).unwrap_or_default());
+                }
+                Claim::Taken(record) | Claim::Covered(record) => record,
+            };
+            tracing::info!(kind = kind.as_str(), slot = %watched.slot, owner = watched.owner.as_deref().unwrap_or("-"),
+                "another process runs this sweep; waiting for it to finish");
+            match self.watch(&watched, progress, cancel).await? {
+                Some(summary) => return Ok(summary),
+                // Its owner stopped: claim again, which takes it over.
+                None if !cancel.is_cancelled() => continue,
+                None => return Ok(Summary::of(&watched)),
+            }
+        }
+    }
+
+    /// Follows a sweep another process runs until it finishes (its summary) or is orphaned
+    /// (`None`).
+    async fn watch(
+        &self,
+        sweep: &SweepRecord,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Option<Summary>> {
+        loop {
+            let Some(record) = store::sweep_record(&self.db, sweep.kind, sweep.slot).await? else {
+                anyhow::bail!("the sweep of {} disappeared from sync_sweeps", sweep.slot);
+            };
+            if let Progress::Bar(bar) = progress {
+                bar.set_length(record.planned.unwrap_or_default().max(0) as u64);
+                bar.set_position(record.done.max(0) as u64);
+            }
+            match record.state() {
+                SweepState::Finished | SweepState::Covered => {
+                    return Ok(Some(Summary::of(&record)))
+                }
+                SweepState::Orphaned => return Ok(None),
+                SweepState::Running | SweepState::Waiting => {}
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(None),
+                () = tokio::time::sleep(REQUESTS_EVERY) => {}
+            }
+        }
     }
 
     /// Runs `work` while renewing the sweep's lease every quarter lease. A page may take far
@@ -238,7 +358,7 @@ impl Sweeper {
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> anyhow::Result<Summary> {
-        let kind = SweepKind::parse(&sweep.kind).unwrap_or(SweepKind::Full);
+        let kind = sweep.kind;
         let now = Utc::now();
         let recheck_before =
             now - chrono::Duration::from_std(self.inactive_recheck).unwrap_or_default();
@@ -250,7 +370,7 @@ impl Sweeper {
                         .fetch_one(&self.db)
                         .await? as i32
                 }
-                SweepKind::Stale => self.stale_budget() as i32,
+                SweepKind::Stale => self.stale_budget(sweep.slot) as i32,
             });
         }
         let planned = i64::from(sweep.planned.unwrap_or_default());
@@ -303,8 +423,24 @@ impl Sweeper {
                 // the replica that resumes it redoes the page rather than skip chats.
                 return self.hand_back(&sweep, planned).await;
             }
+            let asked = outcomes.iter().filter(|(_, o)| o.asked_max()).count() as i32;
+            if outcomes.iter().any(|(_, o)| *o == Outcome::TokenInvalid) {
+                // Part of the page was never asked: hand the sweep back at the page's start
+                // (with the calls made), so that it resumes there once the token works rather
+                // than skip chats.
+                sweep.calls += asked;
+                store::release_sweep(&self.db, &sweep, &self.owner).await?;
+                self.metrics
+                    .sweeps
+                    .with_label_values(&[label, "token_invalid"])
+                    .inc();
+                anyhow::bail!(
+                    "MAX rejected the bot token; the sweep stopped at {} of {planned}",
+                    sweep.done
+                );
+            }
             let failed = outcomes.iter().filter(|(_, o)| !o.is_settled()).count() as i32;
-            let token_invalid = outcomes.iter().any(|(_, o)| *o == Outcome::TokenInvalid);
+            sweep.calls += asked;
             match kind {
                 SweepKind::Full => sweep.position = last_id,
                 SweepKind::Stale => sweep.position += page_len,
@@ -341,18 +477,6 @@ impl Sweeper {
                     finished: false,
                 });
             }
-            if token_invalid {
-                // Hand it back: it resumes where it stopped once the token works.
-                store::release_sweep(&self.db, &sweep, &self.owner).await?;
-                self.metrics
-                    .sweeps
-                    .with_label_values(&[label, "token_invalid"])
-                    .inc();
-                anyhow::bail!(
-                    "MAX rejected the bot token; the sweep stopped at {} of {planned}",
-                    sweep.done
-                );
-            }
         }
         store::finish_sweep(&self.db, &sweep, &self.owner).await?;
         self.metrics
@@ -380,56 +504,5 @@ impl Sweeper {
             failed: sweep.failed.into(),
             finished: true,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(text: &str) -> DateTime<Utc> {
-        text.parse().unwrap()
-    }
-
-    #[test]
-    fn stale_slots_are_multiples_of_the_interval() {
-        let fifteen = Duration::from_secs(900);
-        assert_eq!(
-            stale_slot(at("2026-03-29T01:14:59Z"), fifteen),
-            at("2026-03-29T01:00:00Z")
-        );
-        assert_eq!(
-            stale_slot(at("2026-03-29T01:15:00Z"), fifteen),
-            at("2026-03-29T01:15:00Z")
-        );
-        assert_eq!(
-            stale_slot(at("2026-03-29T01:15:00.001Z"), fifteen),
-            at("2026-03-29T01:15:00Z")
-        );
-    }
-
-    #[test]
-    fn the_full_slot_is_the_last_time_the_hour_struck_in_utc() {
-        assert_eq!(
-            full_slot(at("2026-11-22T02:59:59Z"), 3),
-            at("2026-11-21T03:00:00Z")
-        );
-        assert_eq!(
-            full_slot(at("2026-11-22T03:00:00Z"), 3),
-            at("2026-11-22T03:00:00Z")
-        );
-        assert_eq!(
-            full_slot(at("2026-11-22T23:00:00Z"), 3),
-            at("2026-11-22T03:00:00Z")
-        );
-        // Around a European DST change nothing moves: slots are UTC.
-        assert_eq!(
-            full_slot(at("2026-03-29T03:30:00Z"), 3),
-            at("2026-03-29T03:00:00Z")
-        );
-        assert_eq!(
-            full_slot(at("2026-10-25T02:30:00Z"), 3),
-            at("2026-10-24T03:00:00Z")
-        );
     }
 }

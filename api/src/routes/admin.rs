@@ -1,31 +1,102 @@
-//! Operator endpoints (`super_admin` only): schedule a full sweep, and check for drift.
+//! Operator endpoints (`super_admin` only): schedule a full sweep, list the sweeps with their
+//! progress, and check for drift.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use shared::sweeps::{self, Requested, StartedBy, SweepKind, SweepRecord, SweepState};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Principal;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorDetail};
 use crate::postgres;
 use crate::state::AppState;
 
+const DEFAULT_SWEEPS: i64 = 20;
+const MAX_SWEEPS: i64 = 200;
 const DEFAULT_SAMPLE: i64 = 100;
 const MAX_SAMPLE: i64 = 1000;
 /// Most differing chats listed in a validation report.
 const MAX_LISTED: usize = 50;
+
+/// One sweep, as the admin panel shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SweepView {
+    /// `stale` or `full`
+    #[schema(value_type = String, example = "full")]
+    pub kind: SweepKind,
+    /// The cron slot it serves, or the moment it was asked for
+    pub slot: DateTime<Utc>,
+    /// `waiting`, `running`, `orphaned` (its replica stopped; another resumes it within
+    /// seconds), `finished`, or `covered` (its slot came while another sweep of its kind ran,
+    /// which served it)
+    #[schema(value_type = String, example = "running")]
+    pub state: SweepState,
+    /// `schedule`, `command` (`syncd sweep`), `admin`, or null for rows of older releases
+    #[schema(value_type = Option<String>, example = "schedule")]
+    pub started_by: Option<StartedBy>,
+    /// The admin's user id, for a sweep an admin asked for
+    pub requested_by: Option<String>,
+    /// The syncd replica running it
+    pub owner: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// For a covered slot: the slot of the sweep that served it
+    pub covered_by: Option<DateTime<Utc>>,
+    /// Chats the sweep will ask about (null until a replica starts it)
+    pub planned: Option<i32>,
+    /// Chats done so far
+    pub done: i32,
+    /// Chats that got no count (MAX errors, after retries)
+    pub errors: i32,
+    /// MAX calls made, one per chat asked
+    pub calls: i32,
+    /// Share of the planned chats done, 0 to 1 (null until planned)
+    pub progress: Option<f64>,
+}
+
+impl From<SweepRecord> for SweepView {
+    fn from(record: SweepRecord) -> Self {
+        Self {
+            kind: record.kind,
+            slot: record.slot,
+            state: record.state(),
+            started_by: record.started_by(),
+            progress: record.progress(),
+            requested_by: record.requested_by,
+            owner: record.owner,
+            started_at: record.started_at,
+            finished_at: record.finished_at,
+            covered_by: record.covered_by,
+            planned: record.planned,
+            done: record.done,
+            errors: record.failed,
+            calls: record.calls,
+        }
+    }
+}
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FullUpdateScheduled {
     /// Always `scheduled`
     pub status: &'static str,
     pub requested_at: DateTime<Utc>,
+    pub sweep: SweepView,
 }
 
-/// Schedule a full sweep now; a syncd replica starts it within seconds.
+/// A full sweep is already running or waiting: the error, and that sweep's progress.
+#[derive(Serialize, ToSchema)]
+pub struct FullUpdateRunning {
+    pub error: ErrorDetail,
+    pub sweep: SweepView,
+}
+
+/// Schedule a full sweep now; a syncd replica starts it within seconds. While a full sweep is
+/// running (scheduled or asked for), another is not added: the answer is 409 with its progress.
 #[utoipa::path(
     post, path = "/admin/participants/full-update", tag = "admin",
     security(("bearer" = [])),
@@ -33,28 +104,102 @@ pub struct FullUpdateScheduled {
         (status = 202, description = "Scheduled", body = FullUpdateScheduled),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Not a super_admin", body = ErrorBody),
-        (status = 503, description = "Redis is unavailable", body = ErrorBody),
+        (status = 409, description = "A full sweep is already running", body = FullUpdateRunning),
+        (status = 503, description = "Postgres is unavailable", body = ErrorBody),
     )
 )]
 pub async fn schedule_full_update(
     State(state): State<AppState>,
     principal: Principal,
-) -> Result<(StatusCode, Json<FullUpdateScheduled>), ApiError> {
+) -> Result<Response, ApiError> {
     principal.require_super_admin()?;
-    let requested_at = Utc::now();
-    state
-        .cache
-        .request_full_sweep(requested_at)
-        .await
-        .map_err(|_| ApiError::RefreshUnavailable("redis is unavailable"))?;
-    tracing::info!(user.id = %principal.user_id, "full sweep requested");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(FullUpdateScheduled {
-            status: "scheduled",
-            requested_at,
-        }),
-    ))
+    let requested = sweeps::request(
+        &state.db,
+        SweepKind::Full,
+        StartedBy::Admin,
+        Some(&principal.user_id),
+    )
+    .await?;
+    Ok(match requested {
+        Requested::Recorded(sweep) => {
+            tracing::info!(user.id = %principal.user_id, slot = %sweep.slot, "full sweep requested");
+            (
+                StatusCode::ACCEPTED,
+                Json(FullUpdateScheduled {
+                    status: "scheduled",
+                    requested_at: sweep.slot,
+                    sweep: sweep.into(),
+                }),
+            )
+                .into_response()
+        }
+        Requested::AlreadyRunning(sweep) => (
+            StatusCode::CONFLICT,
+            Json(FullUpdateRunning {
+                error: ErrorDetail {
+                    code: "sweep_running",
+                    message: format!(
+                        "a full sweep is already {}: {} of {} chats done",
+                        match sweep.state() {
+                            SweepState::Waiting => "waiting to start",
+                            _ => "running",
+                        },
+                        sweep.done,
+                        sweep.planned.map_or("?".to_owned(), |p| p.to_string()),
+                    ),
+                },
+                sweep: sweep.into(),
+            }),
+        )
+            .into_response(),
+    })
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SweepsParams {
+    /// Recent sweeps to list besides the unfinished ones, 1 to 200 (default 20)
+    #[param(value_type = Option<i64>)]
+    pub limit: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SweepList {
+    /// The unfinished sweeps and the most recent ones, newest slot first
+    pub sweeps: Vec<SweepView>,
+}
+
+/// The running and recent sweeps, with their progress.
+#[utoipa::path(
+    get, path = "/admin/participants/sweeps", tag = "admin",
+    params(SweepsParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Sweeps", body = SweepList),
+        (status = 400, description = "limit is not an integer", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not a super_admin", body = ErrorBody),
+        (status = 503, description = "Postgres is unavailable", body = ErrorBody),
+    )
+)]
+pub async fn list_sweeps(
+    State(state): State<AppState>,
+    principal: Principal,
+    query: Result<Query<SweepsParams>, QueryRejection>,
+) -> Result<Json<SweepList>, ApiError> {
+    principal.require_super_admin()?;
+    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = match params.limit.as_deref().map(str::trim) {
+        None | Some("") => DEFAULT_SWEEPS,
+        Some(text) => text
+            .parse::<i64>()
+            .map_err(|_| ApiError::BadRequest("limit must be an integer".to_owned()))?
+            .clamp(1, MAX_SWEEPS),
+    };
+    let records = sweeps::recent(&state.db, limit).await?;
+    Ok(Json(SweepList {
+        sweeps: records.into_iter().map(SweepView::from).collect(),
+    }))
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]

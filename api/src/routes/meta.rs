@@ -18,6 +18,7 @@ use crate::state::AppState;
         super::chats::get_chat,
         super::chats::refresh_participants,
         super::admin::schedule_full_update,
+        super::admin::list_sweeps,
         super::admin::validate_participants,
         super::health::health,
         super::health::health_detailed,

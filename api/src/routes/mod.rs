@@ -31,6 +31,7 @@ pub fn router(state: AppState) -> Router {
             "/admin/participants/full-update",
             post(admin::schedule_full_update),
         )
+        .route("/admin/participants/sweeps", get(admin::list_sweeps))
         .route(
             "/admin/participants/validate",
             get(admin::validate_participants),

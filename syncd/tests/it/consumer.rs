@@ -35,9 +35,7 @@ async fn two_replicas_together_stay_under_the_rate_and_see_no_429() {
         .await;
     // Work for both: stream entries for one half, a full sweep for the other.
     world.enqueue_lazy(&ids[..120]).await;
-    syncd::store::request_sweep(&world.db, "full")
-        .await
-        .unwrap();
+    world.request_full_sweep().await;
     eventually(Duration::from_secs(60), "every chat refreshed", || async {
         world.refreshed().await == 240
     })
@@ -339,9 +337,7 @@ async fn a_trickle_of_manual_refreshes_does_not_starve_a_sweep() {
             "false",
         ])
         .await;
-    syncd::store::request_sweep(&world.db, "full")
-        .await
-        .unwrap();
+    world.request_full_sweep().await;
     // Five manual refreshes a second: a twentieth of the budget, but always some urgent work.
     let client = world.redis_client().await;
     let trickle = tokio::spawn(async move {

@@ -210,7 +210,11 @@ async fn an_operator_can_start_a_full_sweep_and_read_the_status() {
             &world.redis_url,
             "--log-level",
             "warn",
+            "--participants-schedule-tz",
+            "Europe/Berlin",
         ])
+        .env_remove("PARTICIPANTS_FULL_SWEEP_CRON")
+        .env_remove("PARTICIPANTS_STALE_SWEEP_CRON")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
@@ -227,6 +231,12 @@ async fn an_operator_can_start_a_full_sweep_and_read_the_status() {
         "full",
         "40/40",
         "100.0%",
+        "admin",
+        "SCHEDULE",
+        "`0 3 * * *`",
+        "Europe/Berlin",
+        " CET (",
+        " UTC)",
         "fresh (< 1/4 threshold)",
     ] {
         assert!(

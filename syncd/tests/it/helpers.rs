@@ -224,6 +224,24 @@ impl World {
         .unwrap();
     }
 
+    /// Asks for a full sweep as the admin endpoint does.
+    pub async fn request_full_sweep(&self) -> shared::sweeps::SweepRecord {
+        match shared::sweeps::request(
+            &self.db,
+            shared::sweeps::SweepKind::Full,
+            shared::sweeps::StartedBy::Admin,
+            None,
+        )
+        .await
+        .unwrap()
+        {
+            shared::sweeps::Requested::Recorded(sweep) => sweep,
+            shared::sweeps::Requested::AlreadyRunning(sweep) => {
+                panic!("a full sweep already runs: {sweep:?}")
+            }
+        }
+    }
+
     /// Chats whose count has been refreshed at least once.
     pub async fn refreshed(&self) -> i64 {
         sqlx::query_scalar(

@@ -6,5 +6,6 @@ mod end_to_end;
 mod helpers;
 mod ops;
 mod scale_out;
+mod schedules;
 mod sweeps;
 mod tracing;

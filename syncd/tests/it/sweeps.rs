@@ -81,10 +81,8 @@ async fn slots_missed_during_downtime_run_once() {
     .await;
     world.insert_chats(3).await;
     // The fleet last ran a slot an hour ago and has been down since.
-    let long_ago = syncd::sweep::stale_slot(
-        Utc::now() - chrono::Duration::hours(1),
-        Duration::from_secs(2),
-    );
+    let hour_ago = (Utc::now() - chrono::Duration::hours(1)).timestamp();
+    let long_ago = chrono::DateTime::from_timestamp(hour_ago - hour_ago % 2, 0).unwrap();
     sqlx::query("insert into sync_sweeps (kind, slot, finished_at) values ('stale', $1, $1)")
         .bind(long_ago)
         .execute(&world.db)
@@ -130,9 +128,7 @@ async fn an_interrupted_sweep_resumes_where_it_stopped() {
     })
     .await;
     world.insert_chats(400).await;
-    syncd::store::request_sweep(&world.db, "full")
-        .await
-        .unwrap();
+    world.request_full_sweep().await;
     let mut first =
         world.replica_process(&["--max-api-rps", "100", "--participants-batch-size", "20"]);
     eventually(
@@ -206,11 +202,14 @@ async fn removed_and_missing_chats_are_not_called_again() {
         .execute(&world.db)
         .await
         .unwrap();
+    // Three full sweeps of three slots (`syncd sweep --full` sweeps each slot once).
     for _ in 0..3 {
-        let summary = syncd::sweep_once(world.sweep_args(&["--full"]), std::future::pending())
+        let args = world.sweep_args(&["--full", "--participants-full-sweep-cron", "* * * * * *"]);
+        let summary = syncd::sweep_once(args, std::future::pending())
             .await
             .unwrap();
         assert!(summary.finished);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     let calls = world.sim.stats().calls_per_chat;
     for gone in 1..=3 {
