@@ -323,6 +323,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_cron_job_wakes_its_loop_and_a_kind_without_a_job_gets_a_quiet_waker() {
+        let tz: Tz = "Europe/Berlin".parse().unwrap();
+        let schedules = Schedules {
+            stale: Some(Schedule::parse("* * * * * *", tz).unwrap()),
+            full: None,
+            tz,
+        };
+        let trigger = Trigger::start(&schedules, &[SweepKind::Stale]).await;
+        let stale = trigger.waker(SweepKind::Stale);
+        tokio::time::timeout(Duration::from_secs(5), stale.notified())
+            .await
+            .expect("the every-second job fired within 5 s");
+        let full = trigger.waker(SweepKind::Full);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), full.notified())
+                .await
+                .is_err(),
+            "nothing wakes a schedule that is off"
+        );
+        trigger.shutdown().await;
+    }
+
     #[test]
     fn slots_are_whole_seconds_whatever_the_instant() {
         let every_two = schedule("*/2 * * * * *", "UTC");
