@@ -52,13 +52,21 @@ static WRITE_FENCED: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
 -- KEYS[1]: a count bucket. ARGV[1]: bucket TTL in ms; then pairs of field, "count:ms".
+-- A time ahead of this server's clock (a writer whose clock runs fast) is stored as the
+-- server's now, so it cannot fence out the correct answers that follow.
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local written = 0
 for i = 2, #ARGV, 2 do
-  local new_ms = tonumber(string.match(ARGV[i + 1], ':(%d+)$'))
+  local count, new_ms = string.match(ARGV[i + 1], '^(-?%d+):(%d+)$')
+  new_ms = tonumber(new_ms)
   local current = redis.call('HGET', KEYS[1], ARGV[i])
   local current_ms = current and tonumber(string.match(current, ':(%d+)$'))
+  if new_ms and new_ms > now_ms then
+    new_ms = now_ms
+  end
   if new_ms and (not current_ms or current_ms < new_ms) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[1], ARGV[i], count .. ':' .. string.format('%d', new_ms))
     written = written + 1
   end
 end

@@ -143,3 +143,51 @@ mod tests {
         }
     }
 }
+
+/// What an eviction policy means for this service: `Ok` when Redis may evict only what carries
+/// a TTL (the count cache and the dedup markers), else why not.
+pub fn judge_eviction_policy(policy: &str) -> Result<(), String> {
+    match policy {
+        p if p.starts_with("volatile-") => Ok(()),
+        "noeviction" => Err("maxmemory-policy is noeviction: when Redis fills up, enqueues and count writes fail instead of old counts being evicted; set volatile-lru".to_owned()),
+        p if p.starts_with("allkeys-") => Err(format!("maxmemory-policy is {p}: Redis may evict the refresh streams and the rate limiter's state when it fills up (lost refreshes, bursts over MAX's limit); set volatile-lru")),
+        p => Err(format!("maxmemory-policy `{p}` is unknown to this service; set volatile-lru")),
+    }
+}
+
+/// Logs, once at start-up, whether Redis' eviction policy fits this service (see
+/// `judge_eviction_policy`). Managed Redis services may refuse `CONFIG`: then nothing is said
+/// beyond a debug line.
+pub async fn check_eviction_policy(client: &Client) {
+    if client.wait_for_connect().await.is_err() {
+        return;
+    }
+    let reply: Result<Vec<String>, _> = client
+        .custom(fred::cmd!("CONFIG"), vec!["GET", "maxmemory-policy"])
+        .await;
+    match reply {
+        Ok(pair) => match pair.get(1).map(|p| judge_eviction_policy(p)) {
+            Some(Ok(())) => tracing::info!(policy = %pair[1], "redis maxmemory-policy fits"),
+            Some(Err(problem)) => tracing::error!(policy = %pair[1], "{problem}"),
+            None => tracing::debug!("redis did not say its maxmemory-policy"),
+        },
+        Err(error) => {
+            tracing::debug!(error = %error, "cannot read redis maxmemory-policy (CONFIG refused)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod eviction_tests {
+    use super::judge_eviction_policy;
+
+    #[test]
+    fn only_volatile_policies_fit() {
+        assert!(judge_eviction_policy("volatile-lru").is_ok());
+        assert!(judge_eviction_policy("volatile-ttl").is_ok());
+        for bad in ["allkeys-lru", "allkeys-random", "noeviction", "weird"] {
+            let problem = judge_eviction_policy(bad).unwrap_err();
+            assert!(problem.contains("volatile-lru"), "{problem}");
+        }
+    }
+}

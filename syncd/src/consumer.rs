@@ -18,11 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limiter::Urgency;
 use crate::metrics::Metrics;
+use crate::plan::{self, Plan};
 use crate::refresher::{Outcome, Refresher};
 use crate::store::{self, Target};
 
 /// Streams in the order they are served.
 const STREAMS: [&str; 2] = [keys::REFRESH_STREAM_MANUAL, keys::REFRESH_STREAM_LAZY];
+/// Entries the dead-letter stream keeps (about: trimmed with `MAXLEN ~`).
+pub const DEAD_LETTER_MAX_LEN: i64 = 10_000;
 /// How long one blocking read waits for new entries.
 const BLOCK: Duration = Duration::from_millis(1000);
 
@@ -66,7 +69,10 @@ impl Consumer {
             }
         }
         tracing::info!(consumer = %self.name, "consuming the refresh streams");
-        let mut own_pending_done = false;
+        // This consumer's own pending entries (a restarted replica with a stable name) are read
+        // once, page by page from the oldest; those that fail again stay pending and are then
+        // retried, or dead-lettered, like anyone's idle entries.
+        let mut own_pending: Option<[String; 2]> = Some(["0".to_owned(), "0".to_owned()]);
         let mut last_claim = Instant::now();
         let claim_every =
             (self.claim_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
@@ -81,25 +87,42 @@ impl Consumer {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
-            let result = if !own_pending_done {
-                let entries = self.read(true).await;
-                if matches!(&entries, Ok(e) if e.is_empty()) {
-                    own_pending_done = true;
-                }
-                match entries {
-                    Ok(entries) => self.process(entries).await,
+            let result = if let Some(after) = own_pending.as_mut() {
+                match self.read_own_pending(after).await {
+                    Ok(entries) if entries.is_empty() => {
+                        own_pending = None;
+                        Ok(())
+                    }
+                    Ok(entries) => self.process_own_pending(entries).await,
                     Err(error) => Err(error),
                 }
             } else if last_claim.elapsed() >= claim_every {
                 last_claim = Instant::now();
                 self.claim_abandoned().await
             } else {
-                match self.read(false).await {
+                match self.read(None).await {
                     Ok(entries) => self.process(entries).await,
                     Err(error) => Err(error),
                 }
             };
             if let Err(error) = result {
+                if is_missing_group(&error) {
+                    // Redis restarted empty or was flushed, and the api's XADD recreated the
+                    // stream without the group: recreate it, and consume from the start.
+                    match self.ensure_groups().await {
+                        Ok(()) => {
+                            self.metrics.stream_groups_recreated.inc();
+                            tracing::warn!(consumer = %self.name,
+                                "the refresh streams' consumer group was missing (Redis restarted empty or was flushed); recreated it");
+                            own_pending = Some(["0".to_owned(), "0".to_owned()]);
+                            continue;
+                        }
+                        Err(error) => tracing::warn!(
+                            error = format!("{error:#}"),
+                            "cannot recreate the consumer group yet"
+                        ),
+                    }
+                }
                 tracing::warn!(
                     error = format!("{error:#}"),
                     "refresh stream work failed; retrying"
@@ -129,18 +152,61 @@ impl Consumer {
         Ok(())
     }
 
-    /// Reads up to a batch: this consumer's own pending entries (`own_pending`), or new ones.
-    async fn read(&self, own_pending: bool) -> anyhow::Result<Vec<Entry>> {
+    /// Reads up to a batch of this consumer's own pending entries after the ids in `after`
+    /// (one per stream), and moves `after` past them.
+    async fn read_own_pending(&self, after: &mut [String; 2]) -> anyhow::Result<Vec<Entry>> {
+        let entries = self.read(Some(after.clone())).await?;
+        for (stream, last) in STREAMS.iter().zip(after.iter_mut()) {
+            if let Some(newest) = entries
+                .iter()
+                .filter(|e| e.stream == *stream)
+                .map(|e| e.id.as_str())
+                .max_by(|a, b| compare_ids(a, b))
+            {
+                *last = newest.to_owned();
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Own pending entries: those delivered too often go to the dead-letter stream (otherwise
+    /// a replica restarted under the same name would ask MAX for them forever), the rest are
+    /// processed.
+    async fn process_own_pending(&self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        let mut retry = Vec::with_capacity(entries.len());
+        for stream in STREAMS {
+            let of_stream: Vec<Entry> = entries
+                .iter()
+                .filter(|e| e.stream == stream)
+                .cloned()
+                .collect();
+            if of_stream.is_empty() {
+                continue;
+            }
+            let deliveries = self.delivery_counts(stream, &of_stream).await?;
+            for entry in of_stream {
+                if deliveries.get(&entry.id).copied().unwrap_or(1) > self.max_deliveries {
+                    self.dead_letter(&entry, "too many deliveries").await?;
+                } else {
+                    retry.push(entry);
+                }
+            }
+        }
+        self.process(retry).await
+    }
+
+    /// Reads up to a batch: this consumer's own pending entries after `own_pending_after`, or
+    /// new ones.
+    async fn read(&self, own_pending_after: Option<[String; 2]>) -> anyhow::Result<Vec<Entry>> {
         let count = self.refresher.batch_size() as u64;
-        let ids = if own_pending {
-            vec!["0", "0"]
-        } else {
-            vec![">", ">"]
-        };
-        let block = if own_pending {
+        let block = if own_pending_after.is_some() {
             None
         } else {
             Some(BLOCK.as_millis() as u64)
+        };
+        let ids: Vec<String> = match own_pending_after {
+            Some(after) => after.to_vec(),
+            None => vec![">".to_owned(), ">".to_owned()],
         };
         let reply: Value = self
             .reader
@@ -252,9 +318,16 @@ impl Consumer {
         fields.push(("source_stream".to_owned(), entry.stream.clone()));
         fields.push(("source_id".to_owned(), entry.id.clone()));
         fields.push(("reason".to_owned(), reason.to_owned()));
+        // Bounded: the newest entries are what an operator reads; the count is in the metrics.
         let _: String = self
             .redis
-            .xadd(keys::REFRESH_STREAM_DEAD, false, None::<()>, "*", fields)
+            .xadd(
+                keys::REFRESH_STREAM_DEAD,
+                false,
+                ("MAXLEN", "~", DEAD_LETTER_MAX_LEN),
+                "*",
+                fields,
+            )
             .await?;
         let _: i64 = self
             .redis
@@ -292,50 +365,27 @@ impl Consumer {
             .map(|t| (t.chat_id, t))
             .collect();
 
-        let now = Utc::now();
-        let recheck_before =
-            now - chrono::Duration::from_std(self.inactive_recheck).unwrap_or_default();
-        let stale_before = now - chrono::Duration::from_std(self.due_age).unwrap_or_default();
-        // The oldest request per chat, and whether any is manual.
-        let mut wanted: BTreeMap<i32, (chrono::DateTime<Utc>, bool)> = BTreeMap::new();
-        for (_, request) in &requests {
-            let slot = wanted
-                .entry(request.chat_id)
-                .or_insert((request.enqueued_at, false));
-            slot.0 = slot.0.min(request.enqueued_at);
-            slot.1 |= request.priority == Priority::Manual;
-        }
-        let mut settled: HashMap<i32, Option<RefreshOutcome>> = HashMap::new();
-        let mut to_refresh = Vec::new();
-        for (chat_id, (oldest, manual)) in &wanted {
-            let Some(target) = targets.get(chat_id) else {
-                settled.insert(*chat_id, None); // deleted since it was enqueued
-                continue;
-            };
-            let refreshed_since = target
-                .participants_updated_at
-                .is_some_and(|at| at >= *oldest);
-            let still_fresh = target
-                .participants_updated_at
-                .is_some_and(|at| at >= stale_before);
-            if !target.is_due(recheck_before) {
-                settled.insert(*chat_id, Some(outcome_of(target, Some("chat_unavailable"))));
-            } else if refreshed_since || (!manual && still_fresh) {
-                // Someone refreshed it after this was asked: no MAX call needed.
-                settled.insert(*chat_id, Some(outcome_of(target, None)));
-            } else {
-                let mut target = target.clone();
-                target.traceparent = requests
-                    .iter()
-                    .find(|(_, r)| r.chat_id == *chat_id && r.traceparent.is_some())
-                    .and_then(|(_, r)| r.traceparent.clone());
-                to_refresh.push(target);
-            }
-        }
+        let batch: Vec<&RefreshRequest> = requests.iter().map(|(_, r)| r).collect();
+        let Plan {
+            wanted,
+            mut settled,
+            to_refresh,
+        } = plan::plan(
+            &batch,
+            &targets,
+            Utc::now(),
+            &plan::Policy {
+                due_age: self.due_age,
+                inactive_recheck: self.inactive_recheck,
+            },
+        );
 
+        let entries: Vec<&Entry> = requests.iter().map(|(entry, _)| entry).collect();
         let outcomes = self
-            .refresher
-            .refresh(to_refresh, Urgency::Urgent, None)
+            .keeping_claimed(
+                &entries,
+                self.refresher.refresh(to_refresh, Urgency::Urgent, None),
+            )
             .await?;
         for (chat_id, outcome) in &outcomes {
             match outcome {
@@ -389,10 +439,19 @@ impl Consumer {
                 retried += 1;
             }
         }
-        for (chat_id, (_, manual)) in &wanted {
-            if *manual && settled.contains_key(chat_id) {
-                let _: Result<i64, _> = self.redis.del(keys::manual_refresh_marker(*chat_id)).await;
+        // A settled chat may be enqueued again as soon as it is due: its dedup markers go
+        // (they share the streams' hash tag, so one DEL).
+        let mut markers = Vec::new();
+        for (chat_id, wanted) in &wanted {
+            if settled.contains_key(chat_id) {
+                markers.push(keys::refresh_marker(*chat_id));
+                if wanted.manual {
+                    markers.push(keys::manual_refresh_marker(*chat_id));
+                }
             }
+        }
+        if !markers.is_empty() {
+            let _: Result<i64, _> = self.redis.del(markers).await;
         }
         let mut acked = 0u64;
         for (stream, ids) in acks {
@@ -418,6 +477,51 @@ impl Consumer {
         Ok(())
     }
 
+    /// Runs `work` while keeping `entries` from going idle: a batch that waits for the rate
+    /// limit, or MAX timeouts and retries, can take longer than `claim_idle`, and peers would
+    /// take the entries over and ask MAX again. `XCLAIM ... JUSTID` resets an entry's idle time
+    /// without counting a delivery; entries idle for less than a quarter of `claim_idle` (just
+    /// claimed by a peer) are left alone.
+    async fn keeping_claimed<T>(
+        &self,
+        entries: &[&Entry],
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
+        let every = (self.claim_idle / 3).max(Duration::from_millis(30));
+        let mut touch = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = touch.tick() => {
+                    for stream in STREAMS {
+                        let ids: Vec<&str> = entries
+                            .iter()
+                            .filter(|e| e.stream == stream)
+                            .map(|e| e.id.as_str())
+                            .collect();
+                        if ids.is_empty() {
+                            continue;
+                        }
+                        let mut args: Vec<Value> = vec![
+                            stream.into(),
+                            keys::REFRESH_GROUP.into(),
+                            self.name.as_str().into(),
+                            ((self.claim_idle / 4).as_millis() as i64).into(),
+                        ];
+                        args.extend(ids.into_iter().map(Value::from));
+                        args.push("JUSTID".into());
+                        let touched: Result<Value, _> =
+                            self.redis.custom(fred::cmd!("XCLAIM"), args).await;
+                        if let Err(error) = touched {
+                            tracing::debug!(error = %error, "could not keep in-flight entries claimed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Length, pending and lag of each stream, and the dead-letter count, as gauges.
     async fn report_stream_gauges(&self) {
         for stream in STREAMS {
@@ -427,36 +531,18 @@ impl Consumer {
                     .with_label_values(&[stream])
                     .set(len);
             }
-            let groups: Result<Value, _> = self.redis.xinfo_groups(stream).await;
-            if let Ok(Value::Array(groups)) = groups {
-                for group in groups {
-                    let Ok(info) = group.convert::<HashMap<String, Value>>() else {
-                        continue;
-                    };
-                    if info.get("name").and_then(|v| v.as_string()).as_deref()
-                        != Some(keys::REFRESH_GROUP)
-                    {
-                        continue;
-                    }
-                    if let Some(pending) = info
-                        .get("pending")
-                        .and_then(|v| v.clone().convert::<i64>().ok())
-                    {
-                        self.metrics
-                            .stream_pending
-                            .with_label_values(&[stream])
-                            .set(pending);
-                    }
-                    if let Some(lag) = info
-                        .get("lag")
-                        .and_then(|v| v.clone().convert::<i64>().ok())
-                    {
-                        self.metrics
-                            .stream_lag
-                            .with_label_values(&[stream])
-                            .set(lag);
-                    }
-                }
+            let info = group_info(&self.redis, stream).await;
+            if let Some(pending) = info.pending {
+                self.metrics
+                    .stream_pending
+                    .with_label_values(&[stream])
+                    .set(pending);
+            }
+            if let Some(lag) = info.lag {
+                self.metrics
+                    .stream_lag
+                    .with_label_values(&[stream])
+                    .set(lag);
             }
         }
         if let Ok(len) = self.redis.xlen::<i64, _>(keys::REFRESH_STREAM_DEAD).await {
@@ -465,17 +551,61 @@ impl Consumer {
     }
 }
 
-fn outcome_of(target: &Target, error: Option<&str>) -> RefreshOutcome {
-    RefreshOutcome {
-        chat_id: target.chat_id,
-        participants_count: if error.is_none() {
-            target.participants_count
-        } else {
-            None
-        },
-        updated_at: target.participants_updated_at.unwrap_or_else(Utc::now),
-        error: error.map(str::to_owned),
+/// The `syncd` group's state on one stream (`None` where unknown: no group, no stream, or
+/// Redis unreachable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub pending: Option<i64>,
+    pub lag: Option<i64>,
+}
+
+/// Reads `XINFO GROUPS` of `stream`: the one parser of it, for the gauges and `syncd status`.
+pub async fn group_info(redis: &Client, stream: &str) -> GroupInfo {
+    match redis.xinfo_groups::<Value, _>(stream).await {
+        Ok(reply) => parse_group_info(reply),
+        Err(_) => GroupInfo::default(),
     }
+}
+
+fn parse_group_info(reply: Value) -> GroupInfo {
+    let Value::Array(groups) = reply else {
+        return GroupInfo::default();
+    };
+    for group in groups {
+        let Ok(info) = group.convert::<HashMap<String, Value>>() else {
+            continue;
+        };
+        if info.get("name").and_then(Value::as_string).as_deref() == Some(keys::REFRESH_GROUP) {
+            let get = |name: &str| info.get(name).and_then(|v| v.clone().convert::<i64>().ok());
+            return GroupInfo {
+                pending: get("pending"),
+                lag: get("lag"),
+            };
+        }
+    }
+    GroupInfo::default()
+}
+
+/// Whether `error` is Redis' NOGROUP: the stream exists, the consumer group does not.
+fn is_missing_group(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<fred::error::Error>()
+            .is_some_and(|e| e.details().starts_with("NOGROUP"))
+            || cause.to_string().contains("NOGROUP")
+    })
+}
+
+/// Orders stream ids (`<ms>-<seq>`) numerically.
+fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    let parse = |id: &str| {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    };
+    parse(a).cmp(&parse(b))
 }
 
 /// Parses an XREADGROUP reply (`[[stream, [[id, [field, value, ...]], ...]], ...]`, or nil).

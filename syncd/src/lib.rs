@@ -15,6 +15,7 @@ pub mod http;
 pub mod limiter;
 pub mod max;
 pub mod metrics;
+pub mod plan;
 pub mod refresher;
 pub mod report;
 pub mod schedule;
@@ -115,6 +116,16 @@ pub async fn run(
             .await;
         if let Err(error) = served {
             tracing::error!(error = %error, "syncd http server failed");
+        }
+    });
+    tracker.spawn({
+        let redis = parts.redis.clone();
+        let cancel = cancel.clone();
+        async move {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = shared::redis::check_eviction_policy(&redis) => {}
+            }
         }
     });
     tracker.spawn(status::run_heartbeat(

@@ -47,11 +47,14 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
 if now < pause then return -(pause - now) end
+-- No key here carries a TTL: each holds a moment (µs on this clock), and a moment in the past
+-- means nothing, so the keys never need to expire and a volatile-* eviction policy never
+-- takes them (which would let a burst through, or end a 429 pause early).
 if ARGV[3] == '1' then
   -- Urgent work is waiting: sweeps hold off for the next few slots. Longer would starve
   -- sweeps behind a trickle of urgent calls that uses a sliver of the budget.
-  redis.call('SET', KEYS[3], '1', 'PX', math.max(math.floor(interval * 4 / 1000), 20))
-elseif redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('SET', KEYS[3], string.format('%d', now + math.max(interval * 4, 20000)))
+elseif tonumber(redis.call('GET', KEYS[3]) or '0') > now then
   return -interval
 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -60,7 +63,7 @@ local wait = start - now
 local horizon = tonumber(ARGV[2])
 if wait > horizon then return -math.max(wait - horizon, 1000) end
 local after = start + interval * tonumber(ARGV[4])
-redis.call('SET', KEYS[1], string.format('%d', after), 'PX', math.floor((after - now) / 1000) + 1000)
+redis.call('SET', KEYS[1], string.format('%d', after))
 return wait
 "#,
     )
@@ -75,7 +78,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local until_us = now + tonumber(ARGV[1])
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current < until_us then
-  redis.call('SET', KEYS[1], string.format('%d', until_us), 'PX', math.floor(tonumber(ARGV[1]) / 1000) + 1000)
+  redis.call('SET', KEYS[1], string.format('%d', until_us))
 end
 return 1
 "#,

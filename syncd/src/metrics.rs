@@ -18,6 +18,10 @@ pub struct Metrics {
     pub stream_pending: IntGaugeVec,
     pub stream_lag: IntGaugeVec,
     pub dead_letters: IntGauge,
+    /// 1 while this replica's circuit breaker holds MAX calls back.
+    pub max_breaker_open: IntGauge,
+    /// The consumer group was missing (Redis restarted empty, or flushed) and was recreated.
+    pub stream_groups_recreated: IntCounter,
     pub sweep_done: IntGaugeVec,
     pub sweep_planned: IntGaugeVec,
     pub sweeps: IntCounterVec,
@@ -95,6 +99,22 @@ impl Metrics {
                 "Entries not yet delivered to any consumer of the group",
                 &["stream"],
             ),
+            max_breaker_open: register(
+                &r,
+                IntGauge::new(
+                    "participants_max_breaker_open",
+                    "1 while this replica's circuit breaker holds MAX calls back after a streak of failures",
+                )
+                .expect("valid metric"),
+            ),
+            stream_groups_recreated: register(
+                &r,
+                IntCounter::new(
+                    "participants_stream_groups_recreated_total",
+                    "Times syncd found the refresh stream's consumer group missing (Redis restarted empty or flushed) and recreated it",
+                )
+                .expect("valid metric"),
+            ),
             dead_letters: register(
                 &r,
                 IntGauge::new("participants_dead_letters", "Entries in the dead-letter stream").expect("valid metric"),
@@ -127,6 +147,7 @@ impl Metrics {
             "forbidden",
             "not_found",
             "unexpected",
+            "systemic",
         ] {
             self.max_errors.with_label_values(&[kind]);
         }

@@ -27,6 +27,17 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// The fleet-wide pause after a 429; doubles while 429s continue.
 const PAUSE_BASE: Duration = Duration::from_secs(1);
 const PAUSE_CAP: Duration = Duration::from_secs(30);
+/// A refresh with at least this many chats asked, or the latest `SYSTEMIC_WINDOW` answers,
+/// where this share was 403 or 404, is a fault of the setup, not of the chats: those chats are
+/// not marked unavailable, and calls stop as for an invalid token.
+const SYSTEMIC_MIN_ASKED: usize = 10;
+const SYSTEMIC_SHARE: f64 = 0.8;
+const SYSTEMIC_WINDOW: usize = 50;
+
+/// MAX would not show the chat: 403 or 404 (not a chat whose own status says it is gone).
+fn is_unavailable(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Gone { status, .. } if status == "forbidden" || status == "not_found")
+}
 /// After this many transient failures in a row the breaker opens for `BREAKER_OPEN`.
 const BREAKER_THRESHOLD: u32 = 20;
 const BREAKER_OPEN: Duration = Duration::from_secs(10);
@@ -64,6 +75,16 @@ impl Outcome {
         }
     }
 
+    /// Whether calls stopped: the token was rejected, or MAX answered 403/404 for nearly every
+    /// chat (a fault of the setup).
+    pub fn stopped_calls(&self) -> bool {
+        match self {
+            Outcome::TokenInvalid => true,
+            Outcome::Failed { kind, .. } => kind.starts_with("systemic_"),
+            _ => false,
+        }
+    }
+
     /// Whether the chat needs no further attempt for now.
     pub fn is_settled(&self) -> bool {
         matches!(self, Outcome::Fresh { .. } | Outcome::Gone { .. })
@@ -93,6 +114,9 @@ struct Inner {
     paused_until: std::sync::Mutex<Option<Instant>>,
     breaker_open_until: std::sync::Mutex<Option<Instant>>,
     stopping: AtomicBool,
+    /// The latest answers, true where MAX would not show the chat (403/404), across calls:
+    /// a wrong setup shows there even when each call asks about a chat or two.
+    recent_answers: std::sync::Mutex<std::collections::VecDeque<bool>>,
 }
 
 /// Settings of a `Refresher`.
@@ -126,6 +150,7 @@ impl Refresher {
                 paused_until: std::sync::Mutex::new(None),
                 breaker_open_until: std::sync::Mutex::new(None),
                 stopping: AtomicBool::new(false),
+                recent_answers: std::sync::Mutex::new(std::collections::VecDeque::new()),
             }),
         }
     }
@@ -176,11 +201,94 @@ impl Refresher {
             })
             .buffer_unordered(inner.batch_size)
             .ready_chunks(inner.batch_size);
+        // Counts and passing failures are written as they come; "this chat is unavailable"
+        // waits for the end, when it is clear whether MAX said so of nearly every chat.
+        let mut unavailable = Vec::new();
+        let mut stopped_here = false;
         while let Some(chunk) = calls.next().await {
-            self.write(&chunk).await?;
-            results.extend(chunk);
+            self.note_answers(&chunk);
+            if let Some((affected, latest)) = self.recent_answers_systemic() {
+                if self.inner.token.reported_valid() {
+                    // Stop the calls now, not at the end of a page of hundreds.
+                    self.inner
+                        .token
+                        .record_systemic("forbidden_or_not_found", affected, latest);
+                }
+                self.forget_answers();
+                stopped_here = true;
+            }
+            let (gone, rest): (Vec<_>, Vec<_>) =
+                chunk.into_iter().partition(|(_, o)| is_unavailable(o));
+            self.write(&rest).await?;
+            results.extend(rest);
+            unavailable.extend(gone);
         }
+        let asked = results.iter().filter(|(_, o)| o.asked_max()).count() + unavailable.len();
+        let systemic = stopped_here
+            || (asked >= SYSTEMIC_MIN_ASKED
+                && unavailable.len() as f64 >= SYSTEMIC_SHARE * asked as f64)
+            || self.recent_answers_systemic().is_some();
+        if systemic && !unavailable.is_empty() {
+            let kind = match &unavailable[0].1 {
+                Outcome::Gone { status, .. } => status.clone(),
+                _ => "not_found".to_owned(),
+            };
+            self.inner
+                .token
+                .record_systemic(&kind, unavailable.len(), asked);
+            self.forget_answers();
+            for (_, outcome) in &mut unavailable {
+                if let Outcome::Gone { status, asked_at } = outcome {
+                    *outcome = Outcome::Failed {
+                        kind: format!("systemic_{status}"),
+                        asked_at: *asked_at,
+                    };
+                }
+            }
+        } else {
+            self.write(&unavailable).await?;
+        }
+        results.extend(unavailable);
         Ok(results)
+    }
+
+    /// Remembers the latest answers (see `Inner::recent_answers`).
+    fn note_answers(&self, chunk: &[(i32, Outcome)]) {
+        let mut recent = self
+            .inner
+            .recent_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (_, outcome) in chunk.iter().filter(|(_, o)| o.asked_max()) {
+            recent.push_back(is_unavailable(outcome));
+            if recent.len() > SYSTEMIC_WINDOW {
+                recent.pop_front();
+            }
+        }
+    }
+
+    /// Drops the latest answers once they have stopped the calls: when calls resume, only
+    /// new answers may stop them again.
+    fn forget_answers(&self) {
+        self.inner
+            .recent_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// When nearly all of the latest answers, across calls, were 403/404: how many of how
+    /// many.
+    fn recent_answers_systemic(&self) -> Option<(usize, usize)> {
+        let recent = self
+            .inner
+            .recent_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let unavailable = recent.iter().filter(|u| **u).count();
+        (recent.len() >= SYSTEMIC_MIN_ASKED
+            && unavailable as f64 >= SYSTEMIC_SHARE * recent.len() as f64)
+            .then_some((unavailable, recent.len()))
     }
 
     async fn write(&self, chunk: &[(i32, Outcome)]) -> anyhow::Result<()> {
@@ -189,7 +297,12 @@ impl Refresher {
         let mut failures = Vec::new();
         for (chat_id, outcome) in chunk {
             match outcome {
-                Outcome::Failed { kind, .. } if kind == "stopped" => {}
+                // Not the chat's failure: nothing was asked, the process is stopping, or MAX
+                // said the same of nearly every chat.
+                Outcome::Failed { kind, .. }
+                    if kind == "stopped"
+                        || kind == "shutting_down"
+                        || kind.starts_with("systemic_") => {}
                 Outcome::Fresh { count, asked_at } => fresh.push(FreshCount {
                     chat_id: *chat_id,
                     count: *count,
@@ -305,7 +418,10 @@ impl Refresher {
             let error = match result {
                 Ok(chat) => {
                     inner.metrics.max_requests.with_label_values(&["ok"]).inc();
-                    inner.consecutive_transient.store(0, Ordering::Relaxed);
+                    let failed = inner.consecutive_transient.swap(0, Ordering::Relaxed);
+                    if failed > 0 {
+                        tracing::info!(failed_calls = failed, "MAX answers again");
+                    }
                     inner.pause_level.store(0, Ordering::Relaxed);
                     inner.token.record_success();
                     return Ok((chat, asked_at));
@@ -348,7 +464,16 @@ impl Refresher {
                 }
                 MaxError::Transient(_) => {
                     let failures = inner.consecutive_transient.fetch_add(1, Ordering::Relaxed) + 1;
+                    if failures == 1 {
+                        // Once per streak, not per call; the calls are counted by kind in
+                        // participants_max_api_errors_total.
+                        tracing::warn!(
+                            error = error.kind(),
+                            "MAX calls are failing; retrying with backoff"
+                        );
+                    }
                     if failures == BREAKER_THRESHOLD {
+                        inner.metrics.max_breaker_open.set(1);
                         tracing::warn!(
                             failures,
                             open_s = BREAKER_OPEN.as_secs(),
@@ -365,7 +490,11 @@ impl Refresher {
                     inner.token.record_invalid(&error);
                     return Err((error, asked_at));
                 }
-                MaxError::ChatUnavailable(_) | MaxError::Unexpected(_) => {
+                MaxError::ChatUnavailable(_) => {
+                    inner.token.record_chat_unavailable();
+                    return Err((error, asked_at));
+                }
+                MaxError::Unexpected(_) => {
                     inner.token.record_success();
                     return Err((error, asked_at));
                 }
@@ -387,7 +516,11 @@ impl Refresher {
     /// whether the token works again (any answer but 401/403 `verify.token` means it does).
     pub async fn probe_token(&self, db: &PgPool) {
         let sample: Option<String> = sqlx::query_scalar(
-            "select max_chat_id from chats where max_chat_id ~ '^-?[0-9]+$' order by id limit 1",
+            // A chat that last gave a count, so that its answer says whether calls work.
+            "select c.max_chat_id from chats c left join chat_participants p on p.chat_id = c.id \
+             where c.max_chat_id ~ '^-?[0-9]+$' \
+             order by (p.sync_status = 'active' and p.participants_updated_at is not null) desc nulls last, \
+                      p.participants_updated_at desc nulls last, c.id limit 1",
         )
         .fetch_optional(db)
         .await
@@ -415,6 +548,8 @@ impl Refresher {
                 // Half-open: let calls through; one more failure streak opens it again.
                 *open = None;
                 self.inner.consecutive_transient.store(0, Ordering::Relaxed);
+                self.inner.metrics.max_breaker_open.set(0);
+                tracing::info!("circuit half-open: MAX calls resume");
                 None
             }
             None => None,

@@ -10,6 +10,7 @@ use shared::keys::{self, status};
 use shared::sweeps::SweepState;
 
 use crate::config::StatusArgs;
+use crate::consumer::{group_info, GroupInfo};
 
 /// Renders the status report.
 pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
@@ -31,7 +32,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
         keys::REFRESH_STREAM_DEAD,
     ] {
         let length: i64 = redis.xlen(stream).await.unwrap_or(0);
-        let (pending, lag) = group_info(&redis, stream).await;
+        let GroupInfo { pending, lag } = group_info(&redis, stream).await;
         let name = if stream == keys::REFRESH_STREAM_DEAD {
             format!("{stream} (dead letters)")
         } else {
@@ -189,21 +190,4 @@ fn millis(text: &str) -> Option<DateTime<Utc>> {
     text.parse::<i64>()
         .ok()
         .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
-}
-
-/// Pending and lag of the `syncd` group on a stream, if the group exists.
-async fn group_info(redis: &Client, stream: &str) -> (Option<i64>, Option<i64>) {
-    let Ok(Value::Array(groups)) = redis.xinfo_groups::<Value, _>(stream).await else {
-        return (None, None);
-    };
-    for group in groups {
-        let Ok(info) = group.convert::<HashMap<String, Value>>() else {
-            continue;
-        };
-        if info.get("name").and_then(Value::as_string).as_deref() == Some(keys::REFRESH_GROUP) {
-            let get = |name: &str| info.get(name).and_then(|v| v.clone().convert::<i64>().ok());
-            return (get("pending"), get("lag"));
-        }
-    }
-    (None, None)
 }

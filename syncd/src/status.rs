@@ -27,6 +27,8 @@ pub struct TokenState {
 
 struct TokenInner {
     valid: AtomicBool,
+    /// Calls stopped for a systemic 403/404 rather than for the token.
+    systemic: AtomicBool,
     next_probe_ms: AtomicI64,
     last_success_ms: AtomicI64,
     last_error: Mutex<Option<(String, i64)>>,
@@ -41,6 +43,7 @@ impl TokenState {
         Self {
             inner: Arc::new(TokenInner {
                 valid: AtomicBool::new(true),
+                systemic: AtomicBool::new(false),
                 next_probe_ms: AtomicI64::new(0),
                 last_success_ms: AtomicI64::new(0),
                 last_error: Mutex::new(None),
@@ -76,31 +79,82 @@ impl TokenState {
         self.inner.valid.load(Ordering::Relaxed)
     }
 
+    /// MAX gave a chat: the token and the setup work.
     pub fn record_success(&self) {
         self.inner
             .last_success_ms
             .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+        let systemic = self.inner.systemic.swap(false, Ordering::Relaxed);
         if !self.inner.valid.swap(true, Ordering::Relaxed) {
             self.inner.metrics.token_valid.set(1);
             self.inner.changed.notify_one();
-            tracing::info!("MAX accepts the bot token again; calls resume");
+            if systemic {
+                tracing::info!("MAX gives chats again; calls resume");
+            } else {
+                tracing::info!("MAX accepts the bot token again; calls resume");
+            }
+        }
+    }
+
+    /// MAX answered that it will not show one chat (403, 404): the token works, unless calls
+    /// stopped because nearly every chat got that answer, which one more such answer does not
+    /// disprove.
+    pub fn record_chat_unavailable(&self) {
+        if !self.inner.systemic.load(Ordering::Relaxed) {
+            self.record_success();
         }
     }
 
     pub fn record_invalid(&self, error: &MaxError) {
         self.record_error(error);
+        // Logged once per transition, not once per refused call.
+        if self.stop_calls() {
+            tracing::error!(
+                recheck_s = TOKEN_RECHECK.as_secs(),
+                "MAX rejected the bot token (MAX_API_TOKEN): all MAX calls are stopped; fix the token"
+            );
+        }
+    }
+
+    /// MAX answered 403 or 404 for most chats of one batch: not the chats, but the setup (a
+    /// wrong MAX_API_URL, a proxy's error page, another bot's token). Calls stop as for an
+    /// invalid token, with one probe a minute, and the chats are not marked unavailable.
+    pub fn record_systemic(&self, kind: &str, affected: usize, asked: usize) {
+        let error = format!("systemic_{kind}");
+        *self
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((error, Utc::now().timestamp_millis()));
+        self.inner
+            .metrics
+            .max_errors
+            .with_label_values(&["systemic"])
+            .inc();
+        self.inner.systemic.store(true, Ordering::Relaxed);
+        if self.stop_calls() {
+            tracing::error!(
+                kind,
+                affected,
+                asked,
+                recheck_s = TOKEN_RECHECK.as_secs(),
+                "MAX answered {kind} for {affected} of {asked} chats asked together: a fault of the setup (MAX_API_URL, a proxy, the token's bot), not of the chats; all MAX calls are stopped and none of these chats is marked unavailable"
+            );
+        }
+    }
+
+    /// Stops calls until a probe succeeds; true when they were running until now.
+    fn stop_calls(&self) -> bool {
         let now = Utc::now().timestamp_millis();
         self.inner
             .next_probe_ms
             .store(now + TOKEN_RECHECK.as_millis() as i64, Ordering::Relaxed);
-        if self.inner.valid.swap(false, Ordering::Relaxed) {
+        let was_valid = self.inner.valid.swap(false, Ordering::Relaxed);
+        if was_valid {
             self.inner.metrics.token_valid.set(0);
             self.inner.changed.notify_one();
         }
-        tracing::error!(
-            recheck_s = TOKEN_RECHECK.as_secs(),
-            "MAX rejected the bot token (MAX_API_TOKEN): all MAX calls are stopped; fix the token"
-        );
+        was_valid
     }
 
     pub fn record_error(&self, error: &MaxError) {

@@ -14,6 +14,8 @@ pub struct Target {
     pub participants_updated_at: Option<DateTime<Utc>>,
     pub sync_status: Option<String>,
     pub checked_at: Option<DateTime<Utc>>,
+    /// Failed answers in a row (0 after a count).
+    pub consecutive_failures: i32,
     /// The trace of the request that asked for this refresh, if any (not a column).
     #[sqlx(skip)]
     pub traceparent: Option<String>,
@@ -27,10 +29,34 @@ impl Target {
             Some(_) => self.checked_at.is_none_or(|at| at < recheck_before),
         }
     }
+
+    /// Until when an active chat whose answers keep failing is left alone (see
+    /// `FAILURE_BACKOFF_SQL`), so a few bad chats cannot take the budget of every read and
+    /// every stale sweep.
+    pub fn backing_off_until(&self) -> Option<DateTime<Utc>> {
+        if self.consecutive_failures <= 0 || !matches!(self.sync_status.as_deref(), Some("active"))
+        {
+            return None;
+        }
+        let checked_at = self.checked_at?;
+        let exponent = (self.consecutive_failures - 1).clamp(0, 16) as u32;
+        let backoff = (FAILURE_BACKOFF_BASE * 2u32.pow(exponent)).min(FAILURE_BACKOFF_CAP);
+        Some(checked_at + chrono::Duration::from_std(backoff).unwrap_or_default())
+    }
 }
 
+/// The first wait after a failed answer; it doubles with each failure in a row.
+pub const FAILURE_BACKOFF_BASE: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest wait between attempts at a chat that keeps failing.
+pub const FAILURE_BACKOFF_CAP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `Target::backing_off_until` in SQL, for the stale sweep's query (`p` is chat_participants).
+const FAILURE_BACKOFF_SQL: &str = "(p.checked_at + least(interval '60 seconds' \
+     * power(2, least(greatest(p.consecutive_failures, 1) - 1, 16)), interval '3600 seconds'))";
+
 const TARGET_COLUMNS: &str = "c.id as chat_id, c.max_chat_id, p.participants_count, \
-     p.participants_updated_at, p.sync_status, p.checked_at";
+     p.participants_updated_at, p.sync_status, p.checked_at, \
+     coalesce(p.consecutive_failures, 0) as consecutive_failures";
 
 pub async fn targets_by_id(pool: &PgPool, ids: &[i32]) -> Result<Vec<Target>, sqlx::Error> {
     sqlx::query_as(&format!(
@@ -60,7 +86,8 @@ pub async fn targets_after(
 
 /// The chats most in need of a refresh: never refreshed first, then by age weighted by how
 /// often people read them (an hour-old count of a chat read 20 times outranks a two-hour-old
-/// one nobody reads). Chats MAX said are gone wait for their recheck.
+/// one nobody reads). Chats MAX said are gone wait for their recheck; chats whose answers keep
+/// failing wait out their backoff.
 pub async fn stale_targets(
     pool: &PgPool,
     now: DateTime<Utc>,
@@ -72,7 +99,8 @@ pub async fn stale_targets(
         "select {TARGET_COLUMNS} from chats c left join chat_participants p on p.chat_id = c.id \
          where c.max_chat_id is not null \
            and (p.chat_id is null \
-                or (p.sync_status = 'active' and (p.participants_updated_at is null or p.participants_updated_at < $2)) \
+                or (p.sync_status = 'active' and (p.participants_updated_at is null or p.participants_updated_at < $2) \
+                    and (p.consecutive_failures = 0 or p.checked_at is null or {FAILURE_BACKOFF_SQL} < $1)) \
                 or (p.sync_status <> 'active' and (p.checked_at is null or p.checked_at < $3))) \
          order by p.participants_updated_at is not null, \
                   extract(epoch from ($1 - coalesce(p.participants_updated_at, $1))) \
@@ -111,6 +139,11 @@ pub struct FreshCount {
 /// Writes counts in one statement, each only where it is newer than the stored one, and
 /// mirrors a changed count into `chats.participants_count` (the legacy column and fallback).
 /// Chats deleted meanwhile are skipped. Returns how many counts were written.
+///
+/// A count asked before a newer failure was recorded (a slow success landing after a `Gone`)
+/// is kept as the last known count but leaves the chat's status as the failure set it. Times
+/// ahead of the database's clock (a replica whose clock runs fast) are taken as the database's
+/// now, so they cannot fence out the correct answers that follow.
 pub async fn write_counts(pool: &PgPool, counts: &[FreshCount]) -> Result<u64, sqlx::Error> {
     if counts.is_empty() {
         return Ok(0);
@@ -120,7 +153,7 @@ pub async fn write_counts(pool: &PgPool, counts: &[FreshCount]) -> Result<u64, s
     let asked: Vec<DateTime<Utc>> = counts.iter().map(|c| c.asked_at).collect();
     let written: i64 = sqlx::query_scalar(
         "with input as ( \
-             select distinct on (t.chat_id) t.chat_id, t.count, t.asked_at \
+             select distinct on (t.chat_id) t.chat_id, t.count, least(t.asked_at, now()) as asked_at \
              from unnest($1::integer[], $2::integer[], $3::timestamptz[]) as t(chat_id, count, asked_at) \
              join chats c on c.id = t.chat_id \
              order by t.chat_id, t.asked_at desc), \
@@ -131,10 +164,10 @@ pub async fn write_counts(pool: &PgPool, counts: &[FreshCount]) -> Result<u64, s
              on conflict (chat_id) do update set \
                  participants_count = excluded.participants_count, \
                  participants_updated_at = excluded.participants_updated_at, \
-                 sync_status = 'active', \
+                 sync_status = case when p.checked_at > excluded.checked_at then p.sync_status else 'active' end, \
                  checked_at = greatest(p.checked_at, excluded.checked_at), \
-                 last_error = null, \
-                 consecutive_failures = 0 \
+                 last_error = case when p.checked_at > excluded.checked_at then p.last_error end, \
+                 consecutive_failures = case when p.checked_at > excluded.checked_at then p.consecutive_failures else 0 end \
              where p.participants_updated_at is null or p.participants_updated_at < excluded.participants_updated_at \
              returning p.chat_id, p.participants_count), \
          mirrored as ( \
@@ -161,7 +194,8 @@ pub struct Failure {
     pub asked_at: DateTime<Utc>,
 }
 
-/// Records failures in one statement, fenced by `checked_at`. The last count is kept.
+/// Records failures in one statement, fenced by `checked_at` (at most the database's now). The
+/// last count is kept.
 pub async fn write_failures(pool: &PgPool, failures: &[Failure]) -> Result<(), sqlx::Error> {
     if failures.is_empty() {
         return Ok(());
@@ -172,7 +206,7 @@ pub async fn write_failures(pool: &PgPool, failures: &[Failure]) -> Result<(), s
     let asked: Vec<DateTime<Utc>> = failures.iter().map(|f| f.asked_at).collect();
     sqlx::query(
         "insert into chat_participants as p (chat_id, sync_status, checked_at, last_error, consecutive_failures) \
-         select distinct on (t.chat_id) t.chat_id, t.status, t.asked_at, t.error, 1 \
+         select distinct on (t.chat_id) t.chat_id, t.status, least(t.asked_at, now()), t.error, 1 \
          from unnest($1::integer[], $2::text[], $3::text[], $4::timestamptz[]) as t(chat_id, status, error, asked_at) \
          join chats c on c.id = t.chat_id \
          order by t.chat_id, t.asked_at desc \

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::limiter::Urgency;
 use crate::metrics::Metrics;
-use crate::refresher::{Outcome, Refresher};
+use crate::refresher::Refresher;
 use crate::schedule::{self, Schedule, Schedules, Trigger, MAX_NAP};
 use crate::store::{self, Claim, Sweep};
 
@@ -424,10 +424,11 @@ impl Sweeper {
                 return self.hand_back(&sweep, planned).await;
             }
             let asked = outcomes.iter().filter(|(_, o)| o.asked_max()).count() as i32;
-            if outcomes.iter().any(|(_, o)| *o == Outcome::TokenInvalid) {
-                // Part of the page was never asked: hand the sweep back at the page's start
-                // (with the calls made), so that it resumes there once the token works rather
-                // than skip chats.
+            if outcomes.iter().any(|(_, o)| o.stopped_calls()) {
+                // MAX calls stopped (the token rejected, or 403/404 for nearly every chat), and
+                // part of the page got no answer: hand the sweep back at the page's start (with
+                // the calls made), so that it resumes there once calls work rather than skip
+                // chats.
                 sweep.calls += asked;
                 store::release_sweep(&self.db, &sweep, &self.owner).await?;
                 self.metrics
@@ -435,7 +436,7 @@ impl Sweeper {
                     .with_label_values(&[label, "token_invalid"])
                     .inc();
                 anyhow::bail!(
-                    "MAX rejected the bot token; the sweep stopped at {} of {planned}",
+                    "MAX calls stopped (see the error before this); the sweep stopped at {} of {planned} and resumes there",
                     sweep.done
                 );
             }

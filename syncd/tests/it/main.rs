@@ -3,6 +3,7 @@
 
 mod consumer;
 mod end_to_end;
+mod healing;
 mod helpers;
 mod ops;
 mod scale_out;
