@@ -43,9 +43,10 @@ bench: deps bench-build
 	./target/release/bench sync --chats 30000 --rps 300 --latency 30ms --replicas 1,3
 	./target/release/bench fresh --chats 150000 --scale 30 --hours 2
 
-## make drill: fault drills under load, one row each (about 8 min)
+## make drill: fault drills under load, one row each (about 8 min), then the soak (about 12 min)
 drill: deps bench-build
 	./target/release/bench drill
+	./target/release/bench soak --minutes 6
 
 bench-build:
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)

@@ -53,17 +53,17 @@ impl Drill {
 }
 
 #[derive(Default)]
-struct Counters {
-    reads: AtomicU64,
-    reads_failed: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) reads: AtomicU64,
+    pub(crate) reads_failed: AtomicU64,
 }
 
-struct Sent {
-    chat_id: i32,
-    at: DateTime<Utc>,
-    sent: Instant,
-    answered: Instant,
-    status: u16,
+pub(crate) struct Sent {
+    pub(crate) chat_id: i32,
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) sent: Instant,
+    pub(crate) answered: Instant,
+    pub(crate) status: u16,
 }
 
 struct Row {
@@ -115,14 +115,21 @@ pub async fn run(drills: &[Drill]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn xorshift(state: &mut u64) -> u64 {
+pub(crate) fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;
     *state
 }
 
-fn readers(stack: &Stack, api: &Process, counters: &Arc<Counters>, stop: &CancellationToken) {
+/// Four readers paging `GET /chats/all` at random offsets among the first `chats` chats.
+pub(crate) fn readers(
+    stack: &Stack,
+    api: &Process,
+    chats: i32,
+    counters: &Arc<Counters>,
+    stop: &CancellationToken,
+) {
     for worker in 0..4u64 {
         let http = stack.http.clone();
         let token = stack.token.clone();
@@ -132,7 +139,7 @@ fn readers(stack: &Stack, api: &Process, counters: &Arc<Counters>, stop: &Cancel
         tokio::spawn(async move {
             let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (worker + 1);
             while !stop.is_cancelled() {
-                let offset = xorshift(&mut seed) % (CHATS as u64 - 50);
+                let offset = xorshift(&mut seed) % (chats.max(51) as u64 - 50);
                 let ok = match http
                     .get(format!("{base}/chats/all?limit=50&offset={offset}"))
                     .bearer_auth(&token)
@@ -156,7 +163,8 @@ fn readers(stack: &Stack, api: &Process, counters: &Arc<Counters>, stop: &Cancel
     }
 }
 
-fn refreshers(
+/// A manual refresh every 250 ms, one per chat of `targets`, each recorded in `sent`.
+pub(crate) fn refreshers(
     stack: &Stack,
     api: &Process,
     targets: Vec<i32>,
@@ -227,7 +235,53 @@ async fn wait_recovered(
     None
 }
 
-fn block<T>(f: impl FnOnce() -> T) -> T {
+/// The manual refreshes answered 200 or 202: the chat and when it was asked.
+pub(crate) fn acknowledged(sent: &Mutex<Vec<Sent>>) -> Vec<(i32, DateTime<Utc>)> {
+    sent.lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.status == 200 || s.status == 202)
+        .map(|s| (s.chat_id, s.at))
+        .collect()
+}
+
+/// Acknowledged refreshes whose chat still has no count as new as the request after waiting
+/// up to `drain` for them.
+pub(crate) async fn lost_after_drain(
+    stack: &Stack,
+    acknowledged: &[(i32, DateTime<Utc>)],
+    drain: Duration,
+) -> anyhow::Result<usize> {
+    let started = Instant::now();
+    let mut lost = acknowledged.len();
+    while started.elapsed() < drain {
+        let ids: Vec<i32> = acknowledged.iter().map(|a| a.0).collect();
+        let rows: Vec<(i32, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "select chat_id, participants_updated_at from chat_participants where chat_id = any($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&stack.db)
+        .await?;
+        let fresh: std::collections::HashMap<i32, DateTime<Utc>> = rows
+            .into_iter()
+            .filter_map(|(id, at)| at.map(|at| (id, at)))
+            .collect();
+        // A call already in flight for the chat may answer for the request (the api's rule):
+        // allow the MAX latency of a drill plus a second.
+        let slack = chrono::Duration::milliseconds(6_000);
+        lost = acknowledged
+            .iter()
+            .filter(|(id, at)| fresh.get(id).is_none_or(|f| *f < *at - slack))
+            .count();
+        if lost == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(lost)
+}
+
+pub(crate) fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
@@ -272,7 +326,7 @@ async fn one(drill: Drill) -> anyhow::Result<Row> {
     let counters = Arc::new(Counters::default());
     let sent = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
-    readers(&stack, &api, &counters, &stop);
+    readers(&stack, &api, CHATS, &counters, &stop);
     refreshers(&stack, &api, targets, &sent, &stop);
     tokio::time::sleep(Duration::from_secs(5)).await;
 
@@ -385,39 +439,8 @@ async fn one(drill: Drill) -> anyhow::Result<Row> {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Drain: every acknowledged refresh must show a count no older than its request.
-    let acknowledged: Vec<(i32, DateTime<Utc>)> = sent
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.status == 200 || s.status == 202)
-        .map(|s| (s.chat_id, s.at))
-        .collect();
-    let drain = Instant::now();
-    let mut lost = acknowledged.len();
-    while drain.elapsed() < Duration::from_secs(90) {
-        let ids: Vec<i32> = acknowledged.iter().map(|a| a.0).collect();
-        let rows: Vec<(i32, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "select chat_id, participants_updated_at from chat_participants where chat_id = any($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&stack.db)
-        .await?;
-        let fresh: std::collections::HashMap<i32, DateTime<Utc>> = rows
-            .into_iter()
-            .filter_map(|(id, at)| at.map(|at| (id, at)))
-            .collect();
-        // A call already in flight for the chat may answer for the request (the api's rule):
-        // allow the MAX latency of the drill plus a second.
-        let slack = chrono::Duration::milliseconds(6_000);
-        lost = acknowledged
-            .iter()
-            .filter(|(id, at)| fresh.get(id).is_none_or(|f| *f < *at - slack))
-            .count();
-        if lost == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let acknowledged = acknowledged(&sent);
+    let lost = lost_after_drain(&stack, &acknowledged, Duration::from_secs(90)).await?;
     let dead: u64 = match stack.redis_client().await {
         Ok(client) => client
             .xlen(shared::keys::REFRESH_STREAM_DEAD)

@@ -25,6 +25,7 @@ struct Cli {
 mod drill;
 mod fresh;
 mod read;
+mod soak;
 mod stack;
 mod sync;
 
@@ -50,6 +51,18 @@ enum Bench {
             default_value = "redis,postgres,syncd,rate-limit,max-outage,max-slow"
         )]
         only: Vec<drill::Drill>,
+    },
+    /// Soak: the whole deployment under load for minutes while faults are injected in a seeded
+    /// random order, then convergence: every cached count right, nothing pending or lost, the
+    /// MAX rate never exceeded
+    Soak {
+        #[arg(long, default_value_t = 3000)]
+        chats: i32,
+        /// Wall minutes of faults (the freshness settings are compressed 60 times)
+        #[arg(long, default_value_t = 6.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 20261203)]
+        seed: u64,
     },
     /// Freshness under the MAX budget: a time-scaled simulation of this service and of the seed
     /// design side by side, with Zipf reads and churn
@@ -115,6 +128,18 @@ async fn main() -> anyhow::Result<()> {
             connections,
         } => read::run(chats, seconds, connections).await?,
         Bench::Drill { only } => drill::run(&only).await?,
+        Bench::Soak {
+            chats,
+            minutes,
+            seed,
+        } => {
+            soak::run(soak::Options {
+                chats,
+                minutes,
+                seed,
+            })
+            .await?
+        }
         Bench::Fresh {
             chats,
             scale,

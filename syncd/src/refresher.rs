@@ -33,6 +33,8 @@ const PAUSE_CAP: Duration = Duration::from_secs(30);
 const SYSTEMIC_MIN_ASKED: usize = 10;
 const SYSTEMIC_SHARE: f64 = 0.8;
 const SYSTEMIC_WINDOW: usize = 50;
+/// How far back marks of forbidden/not found are undone when a systemic fault is seen.
+const SYSTEMIC_LOOKBACK: Duration = Duration::from_secs(120);
 
 /// MAX would not show the chat: 403 or 404 (not a chat whose own status says it is gone).
 fn is_unavailable(outcome: &Outcome) -> bool {
@@ -213,6 +215,7 @@ impl Refresher {
                     self.inner
                         .token
                         .record_systemic("forbidden_or_not_found", affected, latest);
+                    self.restore_recently_marked().await;
                 }
                 self.forget_answers();
                 stopped_here = true;
@@ -233,10 +236,14 @@ impl Refresher {
                 Outcome::Gone { status, .. } => status.clone(),
                 _ => "not_found".to_owned(),
             };
+            let was_running = self.inner.token.reported_valid();
             self.inner
                 .token
                 .record_systemic(&kind, unavailable.len(), asked);
             self.forget_answers();
+            if was_running {
+                self.restore_recently_marked().await;
+            }
             for (_, outcome) in &mut unavailable {
                 if let Outcome::Gone { status, asked_at } = outcome {
                     *outcome = Outcome::Failed {
@@ -263,6 +270,22 @@ impl Refresher {
             recent.push_back(is_unavailable(outcome));
             if recent.len() > SYSTEMIC_WINDOW {
                 recent.pop_front();
+            }
+        }
+    }
+
+    /// A systemic fault is seen only after some answers: chats marked forbidden or not found
+    /// just before it was (a refresh of a chat or two, before the latest answers added up) are
+    /// made due again, so that they are not skipped for `PARTICIPANTS_INACTIVE_RECHECK`.
+    async fn restore_recently_marked(&self) {
+        match store::restore_unavailable_since(&self.inner.db, SYSTEMIC_LOOKBACK).await {
+            Ok(0) => {}
+            Ok(restored) => tracing::warn!(
+                restored,
+                "chats marked unavailable just before the fault was seen are due again"
+            ),
+            Err(error) => {
+                tracing::warn!(error = %error, "could not restore chats marked during the fault")
             }
         }
     }

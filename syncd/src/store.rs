@@ -226,6 +226,23 @@ pub async fn write_failures(pool: &PgPool, failures: &[Failure]) -> Result<(), s
     Ok(())
 }
 
+/// Makes chats marked forbidden or not found within `since` due again (their status back to
+/// active, the last count kept). Returns how many.
+pub async fn restore_unavailable_since(
+    pool: &PgPool,
+    since: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "update chat_participants set sync_status = 'active', last_error = null \
+         where sync_status in ('forbidden', 'not_found') \
+           and checked_at > now() - make_interval(secs => $1)",
+    )
+    .bind(since.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Counts reads of chats (one per lazy refresh entry) to weight the stale sweep.
 pub async fn record_reads(pool: &PgPool, reads: &[(i32, i32)]) -> Result<(), sqlx::Error> {
     if reads.is_empty() {

@@ -168,6 +168,10 @@ impl Sweeper {
         started: DateTime<Utc>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
+        if !self.refresher.token().reported_valid() {
+            // MAX calls are stopped (said once, where they stopped); the slot waits for them.
+            return Ok(());
+        }
         let last = sweeps::last_scheduled_slot(&self.db, kind).await?;
         let Some(slot) = schedule::due_slot(schedule, Utc::now(), last, started) else {
             return Ok(());
@@ -213,6 +217,10 @@ impl Sweeper {
     }
 
     async fn take_requests(&self, cancel: &CancellationToken) -> anyhow::Result<()> {
+        if !self.refresher.token().reported_valid() {
+            // MAX calls are stopped: a sweep taken now would hand itself back at once.
+            return Ok(());
+        }
         // The Redis flag of the api before 2026-12: honoured while such an api may still run.
         let requested: Result<Option<i64>, _> =
             fred::prelude::KeysInterface::getdel(&self.redis, shared::keys::FULL_SWEEP_REQUEST)

@@ -23,6 +23,18 @@ const MAX_SAMPLE: i64 = 1000;
 /// Most differing chats listed in a validation report.
 const MAX_LISTED: usize = 50;
 
+/// A count from the query: `default` when absent or empty, clamped to 1..=`max`, 400 when it is
+/// not an integer.
+fn count_param(value: Option<&str>, name: &str, default: i64, max: i64) -> Result<i64, ApiError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(default),
+        Some(text) => text
+            .parse::<i64>()
+            .map(|n| n.clamp(1, max))
+            .map_err(|_| ApiError::BadRequest(format!("{name} must be an integer"))),
+    }
+}
+
 /// One sweep, as the admin panel shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SweepView {
@@ -189,13 +201,7 @@ pub async fn list_sweeps(
 ) -> Result<Json<SweepList>, ApiError> {
     principal.require_super_admin()?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = match params.limit.as_deref().map(str::trim) {
-        None | Some("") => DEFAULT_SWEEPS,
-        Some(text) => text
-            .parse::<i64>()
-            .map_err(|_| ApiError::BadRequest("limit must be an integer".to_owned()))?
-            .clamp(1, MAX_SWEEPS),
-    };
+    let limit = count_param(params.limit.as_deref(), "limit", DEFAULT_SWEEPS, MAX_SWEEPS)?;
     let records = sweeps::recent(&state.db, limit).await?;
     Ok(Json(SweepList {
         sweeps: records.into_iter().map(SweepView::from).collect(),
@@ -262,13 +268,12 @@ pub async fn validate_participants(
 ) -> Result<Json<ValidationReport>, ApiError> {
     principal.require_super_admin()?;
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let sample_size = match params.sample_size.as_deref().map(str::trim) {
-        None | Some("") => DEFAULT_SAMPLE,
-        Some(text) => text
-            .parse::<i64>()
-            .map_err(|_| ApiError::BadRequest("sample_size must be an integer".to_owned()))?
-            .clamp(1, MAX_SAMPLE),
-    };
+    let sample_size = count_param(
+        params.sample_size.as_deref(),
+        "sample_size",
+        DEFAULT_SAMPLE,
+        MAX_SAMPLE,
+    )?;
     let sample = postgres::sample_sync_state(&state.db, sample_size).await?;
     let ids: Vec<i32> = sample.iter().map(|row| row.chat_id).collect();
     let cached = state.cache.read_counts(&ids).await.ok();
