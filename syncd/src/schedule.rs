@@ -245,11 +245,16 @@ impl Trigger {
             .iter()
             .map(|kind| (*kind, Arc::new(Notify::new())))
             .collect();
-        let scheduler = match Self::scheduler(schedules, &wakers).await {
-            Ok(scheduler) => Some(scheduler),
-            Err(error) => {
-                tracing::warn!(error = %error, "the cron scheduler did not start; sweeps run on syncd's own timers");
-                None
+        // With no schedule on (background sync off), no scheduler and its ticker at all.
+        let scheduler = if wakers.is_empty() {
+            None
+        } else {
+            match Self::scheduler(schedules, &wakers).await {
+                Ok(scheduler) => Some(scheduler),
+                Err(error) => {
+                    tracing::warn!(error = %error, "the cron scheduler did not start; sweeps run on syncd's own timers");
+                    None
+                }
             }
         };
         Self { scheduler, wakers }

@@ -204,6 +204,16 @@ impl World {
         -70000000000000 - i64::from(chat_id_index)
     }
 
+    /// MAX calls the simulator accepted for the `chat_id_index`-th inserted chat.
+    pub fn max_calls(&self, chat_id_index: i32) -> u64 {
+        self.sim
+            .stats()
+            .calls_per_chat
+            .get(&Self::max_id(chat_id_index))
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub async fn redis_client(&self) -> Client {
         let client = Client::new(Config::from_url(&self.redis_url).unwrap(), None, None, None);
         client.init().await.unwrap();
