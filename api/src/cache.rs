@@ -1,9 +1,12 @@
 //! The api's view of Redis: cached counts, refresh enqueueing and syncd's status, behind a
 //! circuit breaker.
 //!
-//! When a command fails or times out the circuit opens and every request is served from
+//! When a command fails or times out the circuit opens and every read is served from
 //! Postgres without touching Redis, so a dead Redis adds no latency per request. A background
-//! probe PINGs Redis and closes the circuit once it answers again.
+//! probe PINGs Redis and closes the circuit once it answers again; a trip wakes it at once, so
+//! one slow command costs a moment of reads from Postgres, not the probe's whole interval.
+//! A manual refresh does not trust an open circuit: it is one request someone is waiting for,
+//! so it asks Redis itself, bounded by the Redis timeout.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +18,7 @@ use shared::config::RedisArgs;
 use shared::counts::{self, CachedCount};
 use shared::keys;
 use shared::refresh::{self, Priority};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -30,6 +34,8 @@ pub struct Cache {
     /// A second connection for manual refreshes that wait for replicas; see `enqueue_manual`.
     manual: Option<Client>,
     available: AtomicBool,
+    /// Wakes the probe when a command trips the circuit.
+    tripped: Notify,
     options: Options,
     timeout: Duration,
     metrics: Metrics,
@@ -62,6 +68,7 @@ impl Cache {
             client,
             manual,
             available: AtomicBool::new(false),
+            tripped: Notify::new(),
             options: Options {
                 timeout: Some(args.redis_timeout),
                 fail_fast: true,
@@ -91,6 +98,7 @@ impl Cache {
         if self.available.swap(false, Ordering::Relaxed) {
             self.metrics.cache_available.set(0);
             tracing::warn!(operation = what, error = %error, "redis failed; serving from postgres until it answers again");
+            self.tripped.notify_one();
         }
     }
 
@@ -160,12 +168,25 @@ impl Cache {
         traceparent: Option<&str>,
     ) -> Result<bool, Unavailable> {
         if replicas == 0 {
-            return self
-                .enqueue(Priority::Manual, &[chat_id], marker_ttl, traceparent)
-                .await
-                .map(|_| true);
+            let client = self.client.as_ref().ok_or(Unavailable)?;
+            let added = self
+                .call(
+                    "enqueue refresh",
+                    refresh::enqueue(
+                        client,
+                        Priority::Manual,
+                        &[chat_id],
+                        marker_ttl,
+                        traceparent,
+                    ),
+                )
+                .await?;
+            self.metrics
+                .refresh_enqueued
+                .with_label_values(&[Priority::Manual.as_str()])
+                .inc_by(added);
+            return Ok(true);
         }
-        self.usable().ok_or(Unavailable)?;
         let client = self.manual.as_ref().ok_or(Unavailable)?;
         // The server gives up waiting after the Redis timeout; the client allows for that plus
         // a round trip.
@@ -278,6 +299,10 @@ impl Cache {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep(pause) => {}
+                // A request saw a failure: look again soon rather than at the closed interval.
+                () = self.tripped.notified() => {
+                    tokio::time::sleep(PROBE_INTERVAL_OPEN).await;
+                }
             }
         }
     }

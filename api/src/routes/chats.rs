@@ -138,8 +138,8 @@ pub async fn refresh_participants(
             "the participants integration is disabled",
         ));
     }
-    if !state.cache.is_available() {
-        return Err(ApiError::RefreshUnavailable("redis is unavailable"));
+    if !state.cache.is_enabled() {
+        return Err(ApiError::RefreshUnavailable("redis is disabled"));
     }
     // Any outcome published from now on is at most as old as this request: it comes from a
     // MAX call made either for this request or for one already in flight for the same chat.

@@ -300,3 +300,58 @@ async fn integration_disabled_serves_postgres_values_and_enqueues_nothing() {
     assert_eq!(refresh.status(), 503);
     assert_eq!(app.stream_len(shared::keys::REFRESH_STREAM_MANUAL).await, 0);
 }
+
+/// One slow Redis command opens the read circuit; it must not turn manual refreshes into 503s
+/// while Redis answers again (schemathesis once saw "redis is unavailable" with Redis up).
+#[tokio::test]
+async fn one_slow_redis_command_does_not_refuse_manual_refreshes_once_redis_answers() {
+    let app = TestApp::spawn_with(|args| {
+        args.redis.redis_timeout = Duration::from_millis(200);
+        args.participants_refresh_wait = Duration::from_millis(100);
+    })
+    .await;
+    let id = app
+        .insert_chat(NewChat {
+            participants_count: 10,
+            ..NewChat::default()
+        })
+        .await;
+    // Redis stalls for a second: the list is served from Postgres and the circuit opens.
+    let port = app.redis.port();
+    let stall = std::thread::spawn(move || {
+        testkit::redis_cli(
+            port,
+            &[
+                "EVAL",
+                "local t = redis.call('TIME') \
+                while true do \
+                  local n = redis.call('TIME') \
+                  if (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 1000000 then return 1 end \
+                end",
+                "0",
+            ],
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(first_chat(&app).await["participants_source"], "database");
+    assert_eq!(
+        metric(&app.metrics().await, "participants_cache_available"),
+        0.0
+    );
+    stall.join().unwrap();
+
+    // Redis answers again at once; the probe has not looked yet, and need not have.
+    let response = app
+        .post(
+            &format!("/chats/{id}/refresh-participants"),
+            Some(&app.admin()),
+        )
+        .await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    // And the read path returns to the cache by itself, woken by the trip.
+    let app = &app;
+    eventually(Duration::from_secs(10), || async move {
+        metric(&app.metrics().await, "participants_cache_available") == 1.0
+    })
+    .await;
+}
