@@ -1,7 +1,7 @@
 //! Refreshing a set of chats: MAX calls (concurrent, within the fleet-wide limit, retried with
 //! backoff), then both writes, fenced by the time MAX was asked.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,18 +15,13 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::call_policy::{CallPolicy, Event, Gate};
 use crate::limiter::{Limiter, Urgency};
 use crate::max::{MaxChat, MaxClient, MaxError};
 use crate::metrics::Metrics;
 use crate::status::TokenState;
 use crate::store::{self, Failure, FreshCount, Target};
 
-/// First retry delay; doubles per attempt, with full jitter.
-const BACKOFF_BASE: Duration = Duration::from_millis(200);
-const BACKOFF_CAP: Duration = Duration::from_secs(10);
-/// The fleet-wide pause after a 429; doubles while 429s continue.
-const PAUSE_BASE: Duration = Duration::from_secs(1);
-const PAUSE_CAP: Duration = Duration::from_secs(30);
 /// A refresh with at least this many chats asked, or the latest `SYSTEMIC_WINDOW` answers,
 /// where this share was 403 or 404, is a fault of the setup, not of the chats: those chats are
 /// not marked unavailable, and calls stop as for an invalid token.
@@ -40,9 +35,6 @@ const SYSTEMIC_LOOKBACK: Duration = Duration::from_secs(120);
 fn is_unavailable(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Gone { status, .. } if status == "forbidden" || status == "not_found")
 }
-/// After this many transient failures in a row the breaker opens for `BREAKER_OPEN`.
-const BREAKER_THRESHOLD: u32 = 20;
-const BREAKER_OPEN: Duration = Duration::from_secs(10);
 
 /// What happened to one chat.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,13 +100,7 @@ struct Inner {
     cache_ttl: Duration,
     retries: u32,
     batch_size: usize,
-    consecutive_transient: AtomicU32,
-    pause_level: AtomicU32,
-    /// Until when this replica's last pause of the fleet runs: a 429 to a call sent before
-    /// then (in flight, or on a slot reserved earlier) is the same burst, and does not
-    /// lengthen the pause; only a 429 after a pause has run its course doubles the next.
-    paused_until: std::sync::Mutex<Option<Instant>>,
-    breaker_open_until: std::sync::Mutex<Option<Instant>>,
+    policy: CallPolicy,
     stopping: AtomicBool,
     /// The latest answers, true where MAX would not show the chat (403/404), across calls:
     /// a wrong setup shows there even when each call asks about a chat or two.
@@ -147,10 +133,7 @@ impl Refresher {
                 cache_ttl: parts.cache_ttl,
                 retries: parts.retries,
                 batch_size: parts.batch_size.max(1),
-                consecutive_transient: AtomicU32::new(0),
-                pause_level: AtomicU32::new(0),
-                paused_until: std::sync::Mutex::new(None),
-                breaker_open_until: std::sync::Mutex::new(None),
+                policy: CallPolicy::default(),
                 stopping: AtomicBool::new(false),
                 recent_answers: std::sync::Mutex::new(std::collections::VecDeque::new()),
             }),
@@ -421,8 +404,10 @@ impl Refresher {
             if probing && !inner.token.is_valid() {
                 return Err((MaxError::InvalidToken, Utc::now()));
             }
-            if let Some(wait) = self.breaker_wait() {
-                tokio::time::sleep(wait).await;
+            match inner.policy.gate() {
+                Gate::Closed => {}
+                Gate::HalfOpened => self.log(Event::BreakerHalfOpen),
+                Gate::Open(wait) => tokio::time::sleep(wait).await,
             }
             let waited = inner.limiter.acquire(urgency).await;
             inner.metrics.limiter_wait.observe(waited.as_secs_f64());
@@ -431,6 +416,7 @@ impl Refresher {
                 return Err((MaxError::InvalidToken, Utc::now()));
             }
             let asked_at = Utc::now();
+            let sent_at = tokio::time::Instant::now();
             let started = Instant::now();
             let span = tracing::info_span!("max.get_chat", otel.kind = "client", max.chat_id = %chat_id, attempt);
             let result = inner.max.get_chat(chat_id).instrument(span).await;
@@ -441,11 +427,9 @@ impl Refresher {
             let error = match result {
                 Ok(chat) => {
                     inner.metrics.max_requests.with_label_values(&["ok"]).inc();
-                    let failed = inner.consecutive_transient.swap(0, Ordering::Relaxed);
-                    if failed > 0 {
-                        tracing::info!(failed_calls = failed, "MAX answers again");
+                    if let Some(event) = inner.policy.on_success() {
+                        self.log(event);
                     }
-                    inner.pause_level.store(0, Ordering::Relaxed);
                     inner.token.record_success();
                     return Ok((chat, asked_at));
                 }
@@ -464,49 +448,24 @@ impl Refresher {
             match &error {
                 MaxError::RateLimited => {
                     // Every call of a batch in flight may come back 429 at once: one pause
-                    // answers them all (before, each 429 doubled it, to 30 s at once).
-                    let pause = {
-                        let mut until =
-                            inner.paused_until.lock().unwrap_or_else(|p| p.into_inner());
-                        if until.is_none_or(|until| started >= until) {
-                            let level = inner.pause_level.fetch_add(1, Ordering::Relaxed).min(5);
-                            let pause = (PAUSE_BASE * 2u32.pow(level)).min(PAUSE_CAP);
-                            *until = Some(Instant::now() + pause);
-                            Some(pause)
-                        } else {
-                            None
+                    // answers them all.
+                    if let Some(event) = inner.policy.on_rate_limited(sent_at) {
+                        self.log(event);
+                        if let Event::Paused(pause) = event {
+                            inner.limiter.pause(pause).await;
                         }
-                    };
-                    if let Some(pause) = pause {
-                        tracing::warn!(
-                            pause_ms = pause.as_millis() as u64,
-                            "MAX answered 429; pausing the fleet"
-                        );
-                        inner.limiter.pause(pause).await;
                     }
                 }
-                MaxError::Transient(_) => {
-                    let failures = inner.consecutive_transient.fetch_add(1, Ordering::Relaxed) + 1;
-                    if failures == 1 {
-                        // Once per streak, not per call; the calls are counted by kind in
-                        // participants_max_api_errors_total.
-                        tracing::warn!(
-                            error = error.kind(),
-                            "MAX calls are failing; retrying with backoff"
-                        );
-                    }
-                    if failures == BREAKER_THRESHOLD {
-                        inner.metrics.max_breaker_open.set(1);
-                        tracing::warn!(
-                            failures,
-                            open_s = BREAKER_OPEN.as_secs(),
-                            "MAX keeps failing; circuit open"
-                        );
-                        *inner
-                            .breaker_open_until
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner()) =
-                            Some(Instant::now() + BREAKER_OPEN);
+                MaxError::Transient(kind) => {
+                    if let Some(event) = inner.policy.on_transient() {
+                        if event == Event::StreakStarted {
+                            tracing::warn!(
+                                error = *kind,
+                                "MAX calls are failing; retrying with backoff"
+                            );
+                        } else {
+                            self.log(event);
+                        }
                     }
                 }
                 MaxError::InvalidToken => {
@@ -514,10 +473,17 @@ impl Refresher {
                     return Err((error, asked_at));
                 }
                 MaxError::ChatUnavailable(_) => {
+                    // MAX answered: a streak of passing failures is over.
+                    if let Some(event) = inner.policy.on_success() {
+                        self.log(event);
+                    }
                     inner.token.record_chat_unavailable();
                     return Err((error, asked_at));
                 }
                 MaxError::Unexpected(_) => {
+                    if let Some(event) = inner.policy.on_success() {
+                        self.log(event);
+                    }
                     inner.token.record_success();
                     return Err((error, asked_at));
                 }
@@ -528,10 +494,37 @@ impl Refresher {
             }
             attempt += 1;
             if matches!(error, MaxError::Transient(_)) {
-                let cap = (BACKOFF_BASE * 2u32.pow(attempt.min(10))).min(BACKOFF_CAP);
-                let jitter = rand::thread_rng().gen_range(0..=cap.as_millis() as u64);
+                let ceiling = CallPolicy::retry_ceiling(attempt);
+                let jitter = rand::thread_rng().gen_range(0..=ceiling.as_millis() as u64);
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
+        }
+    }
+
+    /// One log line (and the breaker gauge) per change of the call policy.
+    fn log(&self, event: Event) {
+        match event {
+            // Logged by the caller, which knows the error.
+            Event::StreakStarted => {}
+            Event::BreakerOpened { failures, open } => {
+                self.inner.metrics.max_breaker_open.set(1);
+                tracing::warn!(
+                    failures,
+                    open_s = open.as_secs(),
+                    "MAX keeps failing; circuit open"
+                );
+            }
+            Event::BreakerHalfOpen => {
+                self.inner.metrics.max_breaker_open.set(0);
+                tracing::info!("circuit half-open: MAX calls resume");
+            }
+            Event::Recovered { failed } => {
+                tracing::info!(failed_calls = failed, "MAX answers again");
+            }
+            Event::Paused(pause) => tracing::warn!(
+                pause_ms = pause.as_millis() as u64,
+                "MAX answered 429; pausing the fleet"
+            ),
         }
     }
 
@@ -557,25 +550,5 @@ impl Refresher {
         };
         // `fetch` lets exactly one call through per recheck period.
         let _ = self.fetch(max_id, Urgency::Urgent).await;
-    }
-
-    fn breaker_wait(&self) -> Option<Duration> {
-        let mut open = self
-            .inner
-            .breaker_open_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match *open {
-            Some(until) if until > Instant::now() => Some(until - Instant::now()),
-            Some(_) => {
-                // Half-open: let calls through; one more failure streak opens it again.
-                *open = None;
-                self.inner.consecutive_transient.store(0, Ordering::Relaxed);
-                self.inner.metrics.max_breaker_open.set(0);
-                tracing::info!("circuit half-open: MAX calls resume");
-                None
-            }
-            None => None,
-        }
     }
 }
