@@ -13,4 +13,5 @@ pub mod redis;
 pub mod refresh;
 pub mod shutdown;
 pub mod sweeps;
+pub mod sync_status;
 pub mod telemetry;

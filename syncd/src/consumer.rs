@@ -407,7 +407,7 @@ impl Consumer {
                             chat_id: *chat_id,
                             participants_count: None,
                             updated_at: *asked_at,
-                            error: Some(status.clone()),
+                            error: Some(status.to_string()),
                         }),
                     );
                 }

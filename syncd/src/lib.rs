@@ -270,7 +270,7 @@ pub async fn refresh_once(args: RefreshArgs) -> anyhow::Result<Vec<String>> {
                 asked_at.to_rfc3339()
             ),
             Outcome::Gone { status, .. } => format!("{chat_id}\t{max_id}\tunavailable\t{status}"),
-            Outcome::Failed { kind, .. } => format!("{chat_id}\t{max_id}\tfailed\t{kind}"),
+            Outcome::Failed { reason, .. } => format!("{chat_id}\t{max_id}\tfailed\t{reason}"),
             Outcome::TokenInvalid => format!("{chat_id}\t{max_id}\tfailed\tinvalid_token"),
         });
     }

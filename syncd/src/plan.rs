@@ -119,6 +119,7 @@ fn outcome_of(target: &Target, error: Option<&str>) -> RefreshOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::sync_status::SyncStatus;
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
@@ -148,7 +149,7 @@ mod tests {
             max_chat_id: Some(format!("-7000000000{chat_id:04}")),
             participants_count: Some(10),
             participants_updated_at: Some(at("2026-12-03T10:00:00Z")),
-            sync_status: Some("active".into()),
+            sync_status: Some(SyncStatus::Active),
             checked_at: Some(at("2026-12-03T10:00:00Z")),
             consecutive_failures: 0,
             traceparent: None,
@@ -223,7 +224,7 @@ mod tests {
     #[test]
     fn a_manual_refresh_asks_about_a_chat_marked_unavailable_and_a_lazy_one_does_not() {
         let mut gone = target(1);
-        gone.sync_status = Some("forbidden".into());
+        gone.sync_status = Some(SyncStatus::Forbidden);
         gone.checked_at = Some(at("2026-12-03T11:00:00Z"));
         let lazy = planned(
             &[request(1, Priority::Lazy, "2026-12-03T11:59:00Z")],

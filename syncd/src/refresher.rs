@@ -11,6 +11,7 @@ use futures::StreamExt;
 use rand::Rng;
 use shared::counts::{self, CachedCount};
 use shared::ids::MaxChatId;
+use shared::sync_status::SyncStatus;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -33,7 +34,7 @@ const SYSTEMIC_LOOKBACK: Duration = Duration::from_secs(120);
 
 /// MAX would not show the chat: 403 or 404 (not a chat whose own status says it is gone).
 fn is_unavailable(outcome: &Outcome) -> bool {
-    matches!(outcome, Outcome::Gone { status, .. } if status == "forbidden" || status == "not_found")
+    matches!(outcome, Outcome::Gone { status, .. } if status.is_unavailable())
 }
 
 /// What happened to one chat.
@@ -43,16 +44,49 @@ pub enum Outcome {
     Fresh { count: i32, asked_at: DateTime<Utc> },
     /// MAX says the bot cannot see this chat (non-active status, 403, 404) or its id is unusable.
     Gone {
-        status: String,
+        status: SyncStatus,
         asked_at: DateTime<Utc>,
     },
-    /// A passing failure that outlasted the retries; worth trying again later.
+    /// No count and no status: see `Unsettled`.
     Failed {
-        kind: String,
+        reason: Unsettled,
         asked_at: DateTime<Utc>,
     },
     /// The token is invalid: nothing was asked.
     TokenInvalid,
+}
+
+/// Why a chat got neither a count nor a status of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unsettled {
+    /// A passing MAX failure (the error's kind) that outlasted the retries: the chat's own
+    /// failure, recorded, and tried again after its backoff.
+    Max(&'static str),
+    /// Not asked: the caller stopped the refresh (a sweep handing its work back).
+    Stopped,
+    /// Not asked: this process is shutting down.
+    ShuttingDown,
+    /// Asked, but MAX answered this for nearly every chat: a fault of the setup, not the
+    /// chat's, so nothing is recorded of the chat.
+    Systemic(SyncStatus),
+}
+
+impl Unsettled {
+    /// The chat's own failure, recorded against it (the others are not the chat's fault).
+    fn is_the_chats(&self) -> bool {
+        matches!(self, Unsettled::Max(_))
+    }
+}
+
+impl std::fmt::Display for Unsettled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unsettled::Max(kind) => f.write_str(kind),
+            Unsettled::Stopped => f.write_str("stopped"),
+            Unsettled::ShuttingDown => f.write_str("shutting_down"),
+            Unsettled::Systemic(status) => write!(f, "systemic_{status}"),
+        }
+    }
 }
 
 impl Outcome {
@@ -61,9 +95,9 @@ impl Outcome {
     pub fn asked_max(&self) -> bool {
         match self {
             Outcome::Fresh { .. } => true,
-            Outcome::Gone { status, .. } => status != "invalid_id",
-            Outcome::Failed { kind, .. } => {
-                !matches!(kind.as_str(), "stopped" | "shutting_down" | "invalid_token")
+            Outcome::Gone { status, .. } => *status != SyncStatus::InvalidId,
+            Outcome::Failed { reason, .. } => {
+                matches!(reason, Unsettled::Max(_) | Unsettled::Systemic(_))
             }
             Outcome::TokenInvalid => false,
         }
@@ -72,17 +106,28 @@ impl Outcome {
     /// Whether calls stopped: the token was rejected, or MAX answered 403/404 for nearly every
     /// chat (a fault of the setup).
     pub fn stopped_calls(&self) -> bool {
-        match self {
-            Outcome::TokenInvalid => true,
-            Outcome::Failed { kind, .. } => kind.starts_with("systemic_"),
-            _ => false,
-        }
+        matches!(
+            self,
+            Outcome::TokenInvalid
+                | Outcome::Failed {
+                    reason: Unsettled::Systemic(_),
+                    ..
+                }
+        )
     }
 
     /// Whether the chat needs no further attempt for now.
     pub fn is_settled(&self) -> bool {
         matches!(self, Outcome::Fresh { .. } | Outcome::Gone { .. })
     }
+}
+
+/// Why `fetch` gave no chat.
+enum Fetch {
+    /// The process is stopping; nothing was asked.
+    ShuttingDown,
+    /// The last error, and when the call that got it was made.
+    Failed(MaxError, DateTime<Utc>),
 }
 
 #[derive(Clone)]
@@ -158,7 +203,7 @@ impl Refresher {
     /// write failed (then nothing about the failed batch may be acknowledged).
     ///
     /// Once `stop` fires no new call starts (calls in flight finish); the chats not asked get
-    /// `Outcome::Failed { kind: "stopped" }`.
+    /// `Unsettled::Stopped`.
     pub async fn refresh(
         &self,
         targets: Vec<Target>,
@@ -171,7 +216,7 @@ impl Refresher {
             .map(|target| async move {
                 let outcome = if stop.is_some_and(CancellationToken::is_cancelled) {
                     Outcome::Failed {
-                        kind: "stopped".to_owned(),
+                        reason: Unsettled::Stopped,
                         asked_at: Utc::now(),
                     }
                 } else {
@@ -217,12 +262,12 @@ impl Refresher {
         if systemic && !unavailable.is_empty() {
             let kind = match &unavailable[0].1 {
                 Outcome::Gone { status, .. } => status.clone(),
-                _ => "not_found".to_owned(),
+                _ => SyncStatus::NotFound,
             };
             let was_running = self.inner.token.reported_valid();
             self.inner
                 .token
-                .record_systemic(&kind, unavailable.len(), asked);
+                .record_systemic(kind.as_str(), unavailable.len(), asked);
             self.forget_answers();
             if was_running {
                 self.restore_recently_marked().await;
@@ -230,7 +275,7 @@ impl Refresher {
             for (_, outcome) in &mut unavailable {
                 if let Outcome::Gone { status, asked_at } = outcome {
                     *outcome = Outcome::Failed {
-                        kind: format!("systemic_{status}"),
+                        reason: Unsettled::Systemic(status.clone()),
                         asked_at: *asked_at,
                     };
                 }
@@ -305,10 +350,7 @@ impl Refresher {
             match outcome {
                 // Not the chat's failure: nothing was asked, the process is stopping, or MAX
                 // said the same of nearly every chat.
-                Outcome::Failed { kind, .. }
-                    if kind == "stopped"
-                        || kind == "shutting_down"
-                        || kind.starts_with("systemic_") => {}
+                Outcome::Failed { reason, .. } if !reason.is_the_chats() => {}
                 Outcome::Fresh { count, asked_at } => fresh.push(FreshCount {
                     chat_id: *chat_id,
                     count: *count,
@@ -317,13 +359,13 @@ impl Refresher {
                 Outcome::Gone { status, asked_at } => failures.push(Failure {
                     chat_id: *chat_id,
                     status: status.clone(),
-                    error: status.clone(),
+                    error: status.to_string(),
                     asked_at: *asked_at,
                 }),
-                Outcome::Failed { kind, asked_at } => failures.push(Failure {
+                Outcome::Failed { reason, asked_at } => failures.push(Failure {
                     chat_id: *chat_id,
-                    status: "active".to_owned(),
-                    error: kind.clone(),
+                    status: SyncStatus::Active,
+                    error: reason.to_string(),
                     asked_at: *asked_at,
                 }),
                 Outcome::TokenInvalid => {}
@@ -360,7 +402,7 @@ impl Refresher {
             .and_then(|text| MaxChatId::parse(text).ok())
         else {
             return Outcome::Gone {
-                status: "invalid_id".to_owned(),
+                status: SyncStatus::InvalidId,
                 asked_at: now,
             };
         };
@@ -370,16 +412,20 @@ impl Refresher {
                 asked_at,
             },
             Ok((chat, asked_at)) => Outcome::Gone {
-                status: chat.status,
+                status: SyncStatus::from(chat.status.as_str()),
                 asked_at,
             },
-            Err((MaxError::ChatUnavailable(kind), asked_at)) => Outcome::Gone {
-                status: kind.to_owned(),
+            Err(Fetch::ShuttingDown) => Outcome::Failed {
+                reason: Unsettled::ShuttingDown,
+                asked_at: Utc::now(),
+            },
+            Err(Fetch::Failed(MaxError::ChatUnavailable(kind), asked_at)) => Outcome::Gone {
+                status: SyncStatus::from(kind),
                 asked_at,
             },
-            Err((MaxError::InvalidToken, _)) => Outcome::TokenInvalid,
-            Err((error, asked_at)) => Outcome::Failed {
-                kind: error.kind().to_owned(),
+            Err(Fetch::Failed(MaxError::InvalidToken, _)) => Outcome::TokenInvalid,
+            Err(Fetch::Failed(error, asked_at)) => Outcome::Failed {
+                reason: Unsettled::Max(error.kind()),
                 asked_at,
             },
         }
@@ -391,18 +437,18 @@ impl Refresher {
         &self,
         chat_id: MaxChatId,
         urgency: Urgency,
-    ) -> Result<(MaxChat, DateTime<Utc>), (MaxError, DateTime<Utc>)> {
+    ) -> Result<(MaxChat, DateTime<Utc>), Fetch> {
         let inner = &self.inner;
         let mut attempt = 0;
         loop {
             if inner.stopping.load(Ordering::Relaxed) {
-                return Err((MaxError::Transient("shutting_down"), Utc::now()));
+                return Err(Fetch::ShuttingDown);
             }
             // While the token is rejected, one call a minute (fleet member-wide) is let through
             // as a probe; every other call stops here.
             let probing = !inner.token.reported_valid();
             if probing && !inner.token.is_valid() {
-                return Err((MaxError::InvalidToken, Utc::now()));
+                return Err(Fetch::Failed(MaxError::InvalidToken, Utc::now()));
             }
             match inner.policy.gate() {
                 Gate::Closed => {}
@@ -413,7 +459,7 @@ impl Refresher {
             inner.metrics.limiter_wait.observe(waited.as_secs_f64());
             // The token may have been rejected while this call waited for its slot.
             if !probing && !inner.token.reported_valid() {
-                return Err((MaxError::InvalidToken, Utc::now()));
+                return Err(Fetch::Failed(MaxError::InvalidToken, Utc::now()));
             }
             let asked_at = Utc::now();
             let sent_at = tokio::time::Instant::now();
@@ -470,7 +516,7 @@ impl Refresher {
                 }
                 MaxError::InvalidToken => {
                     inner.token.record_invalid(&error);
-                    return Err((error, asked_at));
+                    return Err(Fetch::Failed(error, asked_at));
                 }
                 MaxError::ChatUnavailable(_) => {
                     // MAX answered: a streak of passing failures is over.
@@ -478,19 +524,19 @@ impl Refresher {
                         self.log(event);
                     }
                     inner.token.record_chat_unavailable();
-                    return Err((error, asked_at));
+                    return Err(Fetch::Failed(error, asked_at));
                 }
                 MaxError::Unexpected(_) => {
                     if let Some(event) = inner.policy.on_success() {
                         self.log(event);
                     }
                     inner.token.record_success();
-                    return Err((error, asked_at));
+                    return Err(Fetch::Failed(error, asked_at));
                 }
             }
             inner.token.record_error(&error);
             if attempt >= inner.retries {
-                return Err((error, asked_at));
+                return Err(Fetch::Failed(error, asked_at));
             }
             attempt += 1;
             if matches!(error, MaxError::Transient(_)) {

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use shared::sweeps::{self, StartedBy, SweepKind, SweepRecord, SweepState, RECORD_COLUMNS};
+use shared::sync_status::SyncStatus;
 use sqlx::{PgPool, Postgres, Transaction};
 
 /// A chat as syncd sees it before asking MAX.
@@ -12,7 +13,7 @@ pub struct Target {
     pub max_chat_id: Option<String>,
     pub participants_count: Option<i32>,
     pub participants_updated_at: Option<DateTime<Utc>>,
-    pub sync_status: Option<String>,
+    pub sync_status: Option<SyncStatus>,
     pub checked_at: Option<DateTime<Utc>>,
     /// Failed answers in a row (0 after a count).
     pub consecutive_failures: i32,
@@ -24,8 +25,8 @@ pub struct Target {
 impl Target {
     /// False for a chat MAX said the bot cannot see, until `recheck_before` has passed.
     pub fn is_due(&self, recheck_before: DateTime<Utc>) -> bool {
-        match self.sync_status.as_deref() {
-            None | Some("active") => true,
+        match &self.sync_status {
+            None | Some(SyncStatus::Active) => true,
             Some(_) => self.checked_at.is_none_or(|at| at < recheck_before),
         }
     }
@@ -34,8 +35,7 @@ impl Target {
     /// `FAILURE_BACKOFF_SQL`), so a few bad chats cannot take the budget of every read and
     /// every stale sweep.
     pub fn backing_off_until(&self) -> Option<DateTime<Utc>> {
-        if self.consecutive_failures <= 0 || !matches!(self.sync_status.as_deref(), Some("active"))
-        {
+        if self.consecutive_failures <= 0 || self.sync_status != Some(SyncStatus::Active) {
             return None;
         }
         let checked_at = self.checked_at?;
@@ -187,9 +187,8 @@ pub async fn write_counts(pool: &PgPool, counts: &[FreshCount]) -> Result<u64, s
 #[derive(Clone, Debug)]
 pub struct Failure {
     pub chat_id: i32,
-    /// `active` for a passing failure, else why MAX will not give a count: removed, left,
-    /// closed, not_found, forbidden or invalid_id
-    pub status: String,
+    /// `Active` for a passing failure, else why MAX will not give a count.
+    pub status: SyncStatus,
     pub error: String,
     pub asked_at: DateTime<Utc>,
 }
