@@ -58,9 +58,13 @@ enum Bench {
     Soak {
         #[arg(long, default_value_t = 3000)]
         chats: i32,
-        /// Wall minutes of faults (the freshness settings are compressed 60 times)
+        /// Wall minutes of faults
         #[arg(long, default_value_t = 6.0)]
         minutes: f64,
+        /// How many times faster than real time the freshness settings and sweep schedules run
+        /// (60: the stale threshold's hour is a minute; 1008: a week is 10 minutes)
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        scale: u64,
         #[arg(long, default_value_t = 20261203)]
         seed: u64,
     },
@@ -131,11 +135,13 @@ async fn main() -> anyhow::Result<()> {
         Bench::Soak {
             chats,
             minutes,
+            scale,
             seed,
         } => {
             soak::run(soak::Options {
                 chats,
                 minutes,
+                scale,
                 seed,
             })
             .await?

@@ -1,7 +1,7 @@
 //! `bench soak`: the whole deployment (two `syncd` replicas with stable names, the `api`,
 //! Postgres, Redis with its AOF on, the MAX simulator) under load for several minutes of wall
-//! time with the freshness settings compressed 60 times (a 60 s stale threshold stands for the
-//! default hour), while faults are injected one after another in a seeded random order: Redis
+//! time with the freshness settings and the sweep schedules compressed `--scale` times (at the
+//! default 60 a 60 s stale threshold stands for the default hour), while faults are injected one after another in a seeded random order: Redis
 //! killed (restarted with its data, and emptied), Postgres restarted, a replica killed and
 //! restarted under the same name, MAX 429 storms, 5xx, timeouts, and a phase of 404 for every
 //! chat (a wrong `MAX_API_URL`). Then the faults stop and the soak measures convergence:
@@ -25,8 +25,6 @@ use crate::stack::{Process, Stack};
 
 const RPS: u32 = 100;
 const LATENCY_MS: u64 = 20;
-/// Time compression of the freshness settings.
-const SCALE: u64 = 60;
 /// How long convergence may take once the faults stop before the soak says it failed.
 const CONVERGE_BOUND: Duration = Duration::from_secs(240);
 
@@ -71,11 +69,25 @@ impl Fault {
 pub struct Options {
     pub chats: i32,
     pub minutes: f64,
+    /// Time compression of the freshness settings and the sweep schedules.
+    pub scale: u64,
     pub seed: u64,
 }
 
-fn syncd_env(name: &str) -> Vec<(String, String)> {
-    let scaled = |secs: u64| format!("{}s", (secs / SCALE).max(1));
+/// A 6-field cron expression for about every `seconds` (at least one second), rounded down to a
+/// period cron can express evenly.
+fn every(seconds: u64) -> String {
+    const DIVISORS: [u64; 12] = [1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60];
+    let fit = |n: u64| DIVISORS.iter().rev().find(|d| **d <= n.max(1)).copied();
+    match seconds {
+        0..60 => format!("*/{} * * * * *", fit(seconds).unwrap_or(1)),
+        60..3600 => format!("0 */{} * * * *", fit(seconds / 60).unwrap_or(1)),
+        _ => "0 0 * * * *".to_owned(),
+    }
+}
+
+fn syncd_env(name: &str, scale: u64) -> Vec<(String, String)> {
+    let scaled = |secs: u64| format!("{}s", (secs / scale).max(1));
     [
         ("MAX_API_RPS", RPS.to_string()),
         ("SYNCD_CONSUMER_NAME", name.to_owned()),
@@ -86,17 +98,17 @@ fn syncd_env(name: &str) -> Vec<(String, String)> {
         ("PARTICIPANTS_REFRESH_AHEAD", scaled(900)),
         ("PARTICIPANTS_INACTIVE_RECHECK", scaled(7 * 86_400)),
         ("PARTICIPANTS_SCHEDULE_TZ", "UTC".to_owned()),
-        // Every 15 s (15 minutes scaled); the daily full sweep every 4 minutes.
-        ("PARTICIPANTS_STALE_SWEEP_CRON", "*/15 * * * * *".to_owned()),
-        ("PARTICIPANTS_FULL_SWEEP_CRON", "0 */4 * * * *".to_owned()),
+        // The default schedules scaled: stale every 15 minutes, full once a day.
+        ("PARTICIPANTS_STALE_SWEEP_CRON", every(900 / scale)),
+        ("PARTICIPANTS_FULL_SWEEP_CRON", every(86_400 / scale)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
 }
 
-async fn start_syncd(stack: &mut Stack, name: &str) -> anyhow::Result<Process> {
-    let env = syncd_env(name);
+async fn start_syncd(stack: &mut Stack, name: &str, scale: u64) -> anyhow::Result<Process> {
+    let env = syncd_env(name, scale);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     stack.syncd(&env).await
 }
@@ -124,14 +136,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .filter_map(|(id, max)| Some((id, max.parse().ok()?)))
             .collect();
     let mut replicas = [
-        ("syncd-a", Some(start_syncd(&mut stack, "syncd-a").await?)),
-        ("syncd-b", Some(start_syncd(&mut stack, "syncd-b").await?)),
+        (
+            "syncd-a",
+            Some(start_syncd(&mut stack, "syncd-a", options.scale).await?),
+        ),
+        (
+            "syncd-b",
+            Some(start_syncd(&mut stack, "syncd-b", options.scale).await?),
+        ),
     ];
+    let scaled = |secs: u64| format!("{}s", (secs / options.scale).max(1));
     let api_env = [
-        ("PARTICIPANTS_STALE_THRESHOLD", "60s"),
-        ("PARTICIPANTS_CACHE_TTL", "60s"),
-        ("PARTICIPANTS_REFRESH_AHEAD", "15s"),
+        ("PARTICIPANTS_STALE_THRESHOLD", scaled(3600)),
+        ("PARTICIPANTS_CACHE_TTL", scaled(3600)),
+        ("PARTICIPANTS_REFRESH_AHEAD", scaled(900)),
     ];
+    let api_env: Vec<(&str, &str)> = api_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let api = stack.api(&api_env).await?;
 
     let counters = Arc::new(Counters::default());
@@ -194,7 +214,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     process.kill();
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                replicas[which].1 = Some(start_syncd(&mut stack, name).await?);
+                replicas[which].1 = Some(start_syncd(&mut stack, name, options.scale).await?);
             }
             Fault::MaxRateLimited => {
                 stack.sim.update(|c| c.rate_limit = 2);
@@ -283,18 +303,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let sent = sent.lock().unwrap();
     let reads = counters.reads.load(Ordering::Relaxed);
     let reads_failed = counters.reads_failed.load(Ordering::Relaxed);
-    let scaled_hours = fault_seconds.as_secs_f64() * SCALE as f64 / 3600.0;
+    let scaled_hours = fault_seconds.as_secs_f64() * options.scale as f64 / 3600.0;
 
     println!(
         "\nSoak: {} chats, 2 syncd replicas (stable names) and an api, MAX_API_RPS={RPS}, MAX latency {LATENCY_MS}-{} ms, \
-         freshness settings compressed {SCALE}x (stale threshold 60 s), seed {}\n",
+         freshness settings and schedules compressed {}x (stale threshold {}, stale sweep `{}`, full sweep `{}`), seed {}\n",
         options.chats,
         LATENCY_MS * 2,
+        options.scale,
+        scaled(3600),
+        every(900 / options.scale),
+        every(86_400 / options.scale),
         options.seed
     );
     println!(
-        "Faults for {:.0} s of wall time ({scaled_hours:.1} h scaled):\n",
-        fault_seconds.as_secs_f64()
+        "Faults for {:.0} s of wall time ({scaled_hours:.1} h, {:.1} days scaled):\n",
+        fault_seconds.as_secs_f64(),
+        scaled_hours / 24.0
     );
     println!("| fault | times |");
     println!("|---|---|");
