@@ -51,12 +51,15 @@ pub struct Consumer {
     /// younger count is already answered.
     pub due_age: Duration,
     pub inactive_recheck: Duration,
+    /// Ticked each time the loop goes round (`/health/live`).
+    pub liveness: crate::http::Liveness,
 }
 
 impl Consumer {
     /// Consumes until `cancel`; the batch in hand is finished (or left pending) first.
     pub async fn run(self, cancel: CancellationToken) {
         while !cancel.is_cancelled() {
+            self.liveness.tick();
             match self.ensure_groups().await {
                 Ok(()) => break,
                 Err(error) => {
@@ -69,6 +72,7 @@ impl Consumer {
             }
         }
         tracing::info!(consumer = %self.name, "consuming the refresh streams");
+        self.liveness.tick();
         // This consumer's own pending entries (a restarted replica with a stable name) are read
         // once, page by page from the oldest; those that fail again stay pending and are then
         // retried, or dead-lettered, like anyone's idle entries.
@@ -77,6 +81,7 @@ impl Consumer {
         let claim_every =
             (self.claim_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
         while !cancel.is_cancelled() {
+            self.liveness.tick();
             if !self.refresher.token().reported_valid() {
                 // Nothing can be refreshed: entries wait in the stream (not delivered, so they
                 // do not count toward the dead letter), and once a minute one call checks

@@ -103,12 +103,14 @@ pub async fn run(
     let address = listener
         .local_addr()
         .context("listener has no local address")?;
+    let liveness = http::Liveness::default();
     let http_state = http::HttpState {
         metrics: parts.metrics.clone(),
         token: parts.refresher.token().clone(),
         db: parts.db.clone(),
         redis: parts.redis.clone(),
         consumer: name.clone(),
+        liveness: liveness.clone(),
     };
     let http_cancel = cancel.clone();
     tracker.spawn(async move {
@@ -146,6 +148,7 @@ pub async fn run(
         max_deliveries: args.max_deliveries,
         due_age: args.sync.freshness.due_age(),
         inactive_recheck: args.sync.participants_inactive_recheck,
+        liveness,
     };
     tracker.spawn(consumer.run(cancel.clone()));
     let sweeper = Sweeper {

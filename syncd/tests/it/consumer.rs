@@ -260,6 +260,11 @@ async fn an_invalid_token_stops_the_calls() {
     assert_eq!(health.status(), 503);
     let body: serde_json::Value = health.json().await.unwrap();
     assert_eq!(body["max_token"], "invalid");
+    // Not ready, but alive: a rejected token must not put the pod in a restart loop.
+    let live = reqwest::get(format!("http://{}/health/live", replica.address))
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
     let metrics = reqwest::get(format!("http://{}/metrics", replica.address))
         .await
         .unwrap()
