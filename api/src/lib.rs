@@ -33,6 +33,15 @@ use crate::state::{AppState, Settings};
 /// Kubernetes' default 30 s grace period.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// `DATABASE_STATEMENT_TIMEOUT`, at most the request timeout (0, off, becomes the request
+/// timeout too).
+fn statement_timeout(args: &ServeArgs) -> Duration {
+    match args.database.database_statement_timeout {
+        Duration::ZERO => args.request_timeout,
+        timeout => timeout.min(args.request_timeout),
+    }
+}
+
 /// Serves the api on `listener` until `shutdown` resolves, then drains in-flight requests.
 pub async fn run(
     args: ServeArgs,
@@ -40,7 +49,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = metrics::Metrics::new();
-    let db = shared::db::pool(&args.database)?;
+    // No statement outlives the request that waits for it (the read model's loads take about
+    // a second at 150,000 chats, well within the request timeout).
+    let db = shared::db::pool(&shared::config::DatabaseArgs {
+        database_statement_timeout: statement_timeout(&args),
+        ..args.database.clone()
+    })?;
     let cache = cache::Cache::connect(&args.redis, args.redis_wait_replicas, metrics.clone())?;
     let waiters = waiters::RefreshWaiters::new();
     let background = CancellationToken::new();

@@ -91,10 +91,18 @@ pub struct DatabaseArgs {
     #[arg(long, env = "DATABASE_URL", value_parser = parse_secret, hide_env_values = true)]
     pub database_url: SecretString,
 
-    /// Most connections this process keeps open to Postgres
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+    /// Most connections this process keeps open to Postgres. The defaults of a full deployment
+    /// (3 api, up to 6 syncd, the sweep CronJob, 8 each) hold at most 80, within a server's
+    /// default max_connections of 100 (README: connection budget)
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub database_max_connections: u32,
+
+    /// Longest a statement may run before Postgres cancels it (statement_timeout, set on each
+    /// connection), so that work nobody waits for any more stops; 0 turns it off. Migrations
+    /// run without it
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub database_statement_timeout: Duration,
 
     /// How long a request waits for a Postgres connection before it is answered 503
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]

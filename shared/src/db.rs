@@ -26,10 +26,17 @@ pub fn connect_options(args: &DatabaseArgs) -> Result<PgConnectOptions, Database
         .map_err(|e| DatabaseSetupError::InvalidUrl(redact(&e.to_string(), args)))
 }
 
+/// `connect_options` with `DATABASE_STATEMENT_TIMEOUT` set on every connection, for the
+/// services' pools (not for migrations, whose index builds may take longer).
+pub fn service_options(args: &DatabaseArgs) -> Result<PgConnectOptions, DatabaseSetupError> {
+    let timeout_ms = args.database_statement_timeout.as_millis().to_string();
+    Ok(connect_options(args)?.options([("statement_timeout", timeout_ms.as_str())]))
+}
+
 /// A pool that connects lazily, so the process starts (and answers 503) while Postgres is down
 /// and recovers by itself when it returns.
 pub fn pool(args: &DatabaseArgs) -> Result<PgPool, DatabaseSetupError> {
-    let options = connect_options(args)?;
+    let options = service_options(args)?;
     Ok(PgPoolOptions::new()
         .max_connections(args.database_max_connections)
         .min_connections(0)

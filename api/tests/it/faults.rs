@@ -355,3 +355,30 @@ async fn one_slow_redis_command_does_not_refuse_manual_refreshes_once_redis_answ
     })
     .await;
 }
+
+/// Work nobody waits for any more stops: Postgres cancels a statement that outlives
+/// DATABASE_STATEMENT_TIMEOUT, set on every connection of the services' pools.
+#[tokio::test]
+async fn postgres_cancels_a_statement_that_outlives_the_statement_timeout() {
+    let pg = testkit::PgServer::start();
+    let args = shared::config::DatabaseArgs {
+        database_url: pg.url().into(),
+        database_max_connections: 2,
+        database_acquire_timeout: Duration::from_secs(5),
+        database_statement_timeout: Duration::from_millis(300),
+    };
+    let pool = shared::db::pool(&args).unwrap();
+    let shown: String = sqlx::query_scalar("show statement_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(shown, "300ms");
+    let error = sqlx::query("select pg_sleep(5)")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    let code = error
+        .as_database_error()
+        .and_then(|e| e.code().map(|c| c.into_owned()));
+    assert_eq!(code.as_deref(), Some("57014"), "{error}");
+}
