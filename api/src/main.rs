@@ -7,6 +7,7 @@ use api::config::{Cli, Command};
 use shared::config::{parse_or_exit, EXIT_CONFIG};
 
 fn main() -> ExitCode {
+    shared::tls::init();
     let cli: Cli = match parse_or_exit() {
         Ok(cli) => cli,
         Err(code) => return code,

@@ -125,6 +125,7 @@ enum Bench {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    shared::tls::init();
     match Cli::parse().command {
         Bench::Read {
             chats,

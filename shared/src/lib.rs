@@ -15,3 +15,4 @@ pub mod shutdown;
 pub mod sweeps;
 pub mod sync_status;
 pub mod telemetry;
+pub mod tls;

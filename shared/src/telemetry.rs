@@ -35,6 +35,8 @@ impl Drop for Telemetry {
 /// is configured. Fails when a setting does not parse, naming it. Call it before starting the
 /// async runtime (the exporter runs its own thread).
 pub fn init(args: &LogArgs, service_name: &'static str) -> Result<Telemetry, String> {
+    // Every process starts here, before any client (and the exporter below) is built.
+    crate::tls::init();
     let filter = EnvFilter::try_new(&args.log_level)
         .map_err(|e| format!("LOG_LEVEL `{}` is not a valid filter: {e}", args.log_level))?;
     let logs = if args.log_format == "json" {

@@ -7,6 +7,7 @@ use shared::config::{parse_or_exit_with, EXIT_CONFIG};
 use syncd::config::{Cli, Command};
 
 fn main() -> ExitCode {
+    shared::tls::init();
     let cli: Cli = match parse_or_exit_with(syncd::config::command()) {
         Ok(cli) => cli,
         Err(code) => return code,

@@ -73,6 +73,7 @@ pub struct MaxClient {
 
 impl MaxClient {
     pub fn new(base_url: &str, token: SecretString, timeout: Duration) -> anyhow::Result<Self> {
+        shared::tls::init();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))

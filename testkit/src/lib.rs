@@ -43,12 +43,104 @@ fn wait_exit(child: &mut Child, deadline: Duration) -> bool {
     false
 }
 
+/// A certificate authority of a test's own and a server certificate it signed, for 127.0.0.1
+/// and localhost, made with the `openssl` command.
+pub struct TestCa {
+    /// The CA's certificate (PEM): what a client must trust.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    /// Makes the CA and the server certificate in `dir`.
+    pub fn new(dir: &Path) -> Self {
+        let run = |args: &[&str]| {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl runs");
+            assert!(
+                output.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=testkit CA",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat());
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("extensions file");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+}
+
 /// A `redis-server` child process.
 pub struct RedisServer {
     port: u16,
     dir: TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// With TLS: the TLS port and the CA that signed the server's certificate.
+    tls: Option<(u16, TestCa)>,
 }
 
 impl RedisServer {
@@ -67,9 +159,53 @@ impl RedisServer {
                 .expect("temp dir"),
             child: None,
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            tls: None,
         };
         server.spawn().expect("redis-server starts");
         server
+    }
+
+    /// Starts a Redis that also listens with TLS (`tls_url`), with a certificate signed by a CA
+    /// of its own (`ca_file`). The plain port stays for the test's own tools.
+    pub fn start_tls() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("testkit-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let ca = TestCa::new(dir.path());
+        let tls_port = free_port();
+        let extra_args = vec![
+            "--tls-port".to_owned(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_owned(),
+            ca.cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            ca.key.display().to_string(),
+            "--tls-ca-cert-file".to_owned(),
+            ca.ca.display().to_string(),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            child: None,
+            extra_args,
+            tls: Some((tls_port, ca)),
+        };
+        server.spawn().expect("redis-server starts with TLS");
+        server
+    }
+
+    /// `rediss://` on the TLS port (a server from `start_tls`).
+    pub fn tls_url(&self) -> String {
+        let (port, _) = self.tls.as_ref().expect("started with start_tls");
+        format!("rediss://127.0.0.1:{port}")
+    }
+
+    /// The CA certificate a client must trust (a server from `start_tls`).
+    pub fn ca_file(&self) -> &Path {
+        &self.tls.as_ref().expect("started with start_tls").1.ca
     }
 
     pub fn port(&self) -> u16 {
@@ -153,11 +289,28 @@ pub struct PgServer {
     dir: TempDir,
     bin: PathBuf,
     child: Option<Child>,
+    /// With TLS: the CA that signed the server's certificate.
+    tls: Option<TestCa>,
 }
 
 impl PgServer {
     /// Starts a fresh cluster with trust authentication and user `postgres`.
     pub fn start() -> Self {
+        Self::start_inner(false)
+    }
+
+    /// Starts a fresh cluster with `ssl=on` that refuses TCP connections without TLS, with a
+    /// certificate for 127.0.0.1 signed by a CA of its own (`ca_file`).
+    pub fn start_tls() -> Self {
+        Self::start_inner(true)
+    }
+
+    /// The CA certificate a client must trust (a server from `start_tls`).
+    pub fn ca_file(&self) -> &Path {
+        &self.tls.as_ref().expect("started with start_tls").ca
+    }
+
+    fn start_inner(tls: bool) -> Self {
         let bin = pg_bin_dir().expect("PostgreSQL server binaries are installed");
         let dir = tempfile::Builder::new()
             .prefix("testkit-pg-")
@@ -172,14 +325,36 @@ impl PgServer {
             .status()
             .expect("cp runs");
         assert!(status.success(), "copying the template cluster failed");
+        let tls = tls.then(|| {
+            let ca = TestCa::new(dir.path());
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all all 127.0.0.1/32 trust\n\
+                 hostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .expect("pg_hba.conf");
+            ca
+        });
         if let Some((uid, gid)) = postgres_user() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown temp dir");
+            if let Some(ca) = &tls {
+                for file in [&ca.cert, &ca.key, &data.join("pg_hba.conf")] {
+                    std::os::unix::fs::chown(file, Some(uid), Some(gid)).expect("chown tls file");
+                }
+            }
+        }
+        if let Some(ca) = &tls {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&ca.key, std::fs::Permissions::from_mode(0o600))
+                .expect("key permissions");
         }
         let mut server = Self {
             port: free_port(),
             dir,
             bin,
             child: None,
+            tls,
         };
         server.spawn().expect("postgres starts");
         server
@@ -252,7 +427,16 @@ impl PgServer {
                 "-c",
                 "full_page_writes=off",
             ])
-            .args(["-c", "max_connections=200", "-c", "shared_buffers=128MB"])
+            .args(["-c", "max_connections=200", "-c", "shared_buffers=128MB"]);
+        if let Some(ca) = &self.tls {
+            command
+                .args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!("ssl_cert_file={}", ca.cert.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", ca.key.display()));
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);

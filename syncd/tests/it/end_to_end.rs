@@ -14,7 +14,7 @@ pub async fn start_api(
     world: &World,
     extra: &[&str],
 ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let database_url = world.pg.url();
+    let database_url = world.database_url.clone();
     let mut argv = vec![
         "api",
         "serve",

@@ -24,6 +24,8 @@ pub enum Redis {
 
 pub struct World {
     pub pg: PgServer,
+    /// The URL the services use (with the TLS parameters in `World::over_tls`).
+    pub database_url: String,
     pub redis: Redis,
     pub redis_url: String,
     pub db: PgPool,
@@ -65,6 +67,39 @@ impl World {
     }
 
     pub async fn with_redis(sim: SimConfig, redis: Redis) -> Self {
+        let pg = PgServer::start();
+        let database_url = pg.url();
+        let redis_url = match &redis {
+            Redis::Single(server) => server.url(),
+            Redis::Cluster(cluster) => cluster.url(),
+            Redis::Sentinel(sentinel) => sentinel.url(),
+        };
+        Self::assemble(sim, pg, database_url, redis, redis_url).await
+    }
+
+    /// Postgres and Redis that take only TLS from the services, each with a certificate from a
+    /// CA of its own: the services get `sslmode=verify-full&sslrootcert=…` and `rediss://`,
+    /// and trust Redis's CA through `SSL_CERT_FILE` (this test process's platform roots).
+    pub async fn over_tls(sim: SimConfig) -> Self {
+        let pg = PgServer::start_tls();
+        let redis = RedisServer::start_tls();
+        std::env::set_var("SSL_CERT_FILE", redis.ca_file());
+        let database_url = format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            pg.url(),
+            pg.ca_file().display()
+        );
+        let redis_url = redis.tls_url();
+        Self::assemble(sim, pg, database_url, Redis::Single(redis), redis_url).await
+    }
+
+    async fn assemble(
+        sim: SimConfig,
+        pg: PgServer,
+        database_url: String,
+        redis: Redis,
+        redis_url: String,
+    ) -> Self {
         let _ = shared::telemetry::init(
             &shared::config::LogArgs {
                 log_format: "text".into(),
@@ -73,13 +108,9 @@ impl World {
             },
             "test",
         );
-        let pg = PgServer::start();
-        let redis_url = match &redis {
-            Redis::Single(server) => server.url(),
-            Redis::Cluster(cluster) => cluster.url(),
-            Redis::Sentinel(sentinel) => sentinel.url(),
-        };
-        let db = PgPool::connect(&pg.url()).await.expect("postgres connects");
+        let db = PgPool::connect(&database_url)
+            .await
+            .expect("postgres connects");
         shared::db::MIGRATOR
             .run(&db)
             .await
@@ -87,6 +118,7 @@ impl World {
         let (sim, sim_address) = Simulator::spawn(sim).await;
         Self {
             pg,
+            database_url,
             redis,
             redis_url,
             db,
@@ -99,7 +131,7 @@ impl World {
     pub fn common_flags(&self) -> Vec<String> {
         [
             "--database-url",
-            &self.pg.url(),
+            &self.database_url,
             "--redis-url",
             &self.redis_url,
             "--max-api-url",

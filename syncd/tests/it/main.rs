@@ -9,4 +9,5 @@ mod ops;
 mod scale_out;
 mod schedules;
 mod sweeps;
+mod tls;
 mod tracing;
