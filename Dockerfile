@@ -5,7 +5,9 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
-# Dependencies first, so that a change of our code reuses the dependency layer.
+# Dependencies first, in a layer of their own: a change of our code reuses it and compiles only
+# the workspace's crates. The stand-in sources have the real targets (empty libs and mains), so
+# this builds every dependency of the three binaries with the release profile.
 COPY Cargo.toml Cargo.lock ./
 COPY api/Cargo.toml api/Cargo.toml
 COPY syncd/Cargo.toml syncd/Cargo.toml
@@ -13,12 +15,15 @@ COPY shared/Cargo.toml shared/Cargo.toml
 COPY testkit/Cargo.toml testkit/Cargo.toml
 COPY maxsim/Cargo.toml maxsim/Cargo.toml
 COPY bench/Cargo.toml bench/Cargo.toml
-# Stand-in sources with the same targets as the real ones (COPY . . replaces every one of them).
 RUN for crate in api syncd shared testkit maxsim; do mkdir -p $crate/src && touch $crate/src/lib.rs; done \
     && for crate in api syncd maxsim bench; do mkdir -p $crate/src && echo 'fn main() {}' > $crate/src/main.rs; done \
-    && cargo fetch --locked
+    && cargo build --release --locked -p api -p syncd -p maxsim \
+    && rm -rf api/src syncd/src shared/src testkit/src maxsim/src bench/src
 COPY . .
-RUN cargo build --release --locked -p api -p syncd -p maxsim
+# COPY keeps the files' own times, which may be older than the stand-ins' build: touch them so
+# cargo rebuilds the workspace's crates (and nothing else).
+RUN find api syncd shared testkit maxsim bench migrations -type f -exec touch {} + \
+    && cargo build --release --locked -p api -p syncd -p maxsim
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \

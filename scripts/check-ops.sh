@@ -11,8 +11,18 @@ promtool check rules ops/prometheus/participants-rules.yml
 (cd ops/prometheus && promtool test rules participants-rules.test.yml)
 
 echo "check-ops: docker-compose"
-docker-compose -f compose.yaml config -q
-MAX_API_URL=http://maxsim:9099 docker-compose -f compose.yaml --profile sim config -q
+JWT_SECRET=check-ops-secret-0123456789 docker-compose -f compose.yaml config -q
+# No default JWT_SECRET: without one, compose must refuse to start.
+if env -u JWT_SECRET docker-compose -f compose.yaml config -q >/dev/null 2>&1; then
+    echo "check-ops: compose.yaml starts without JWT_SECRET" >&2
+    exit 1
+fi
+# The healthchecks are the binaries' own subcommands (the image has no curl, and its /bin/sh
+# is dash, which has no /dev/tcp).
+if grep -n '/dev/tcp' compose.yaml; then
+    echo "check-ops: a compose healthcheck relies on bash's /dev/tcp" >&2
+    exit 1
+fi
 
 echo "check-ops: kustomize, kubernetes-validate --strict, check-k8s"
 # KEDA's kinds have no bundled schema: kubernetes-validate reports them as warnings, unchecked.

@@ -27,6 +27,19 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Print a signed access token, for local runs and smoke tests
     Token(TokenArgs),
+    /// Ask the running api's /health on API_LISTEN_ADDR; exit 0 when it answers 200 (a container
+    /// healthcheck that needs no curl)
+    Health(HealthArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HealthArgs {
+    /// Address the api listens on (a wildcard address is asked on loopback)
+    #[arg(long, env = "API_LISTEN_ADDR", default_value = "0.0.0.0:8082")]
+    pub listen_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub check: shared::health::HealthCheck,
 }
 
 #[derive(Args, Debug, Clone)]

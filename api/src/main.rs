@@ -13,6 +13,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let result = match cli.command {
+        Command::Health(args) => return shared::health::run("api", args.listen_addr, &args.check),
         Command::Serve(args) => {
             if let Err(message) = args.validate() {
                 eprintln!("api: invalid configuration: {message}");

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod counts;
 pub mod db;
+pub mod health;
 pub mod ids;
 pub mod keys;
 pub mod metrics;

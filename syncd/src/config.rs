@@ -32,6 +32,19 @@ pub enum Command {
     Refresh(Box<RefreshArgs>),
     /// Print the fleet's state: streams, dead letters, replicas, last sweeps, freshness
     Status(Box<StatusArgs>),
+    /// Ask the running daemon's /health on SYNCD_LISTEN_ADDR; exit 0 when it answers 200 (a
+    /// container healthcheck that needs no curl; `--path /health/live` for liveness)
+    Health(HealthArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HealthArgs {
+    /// Address the daemon listens on (a wildcard address is asked on loopback)
+    #[arg(long, env = "SYNCD_LISTEN_ADDR", default_value = "0.0.0.0:9091")]
+    pub listen_addr: std::net::SocketAddr,
+
+    #[command(flatten)]
+    pub check: shared::health::HealthCheck,
 }
 
 /// What every subcommand needs to refresh counts.

@@ -12,7 +12,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    if let Command::Health(args) = &cli.command {
+        return shared::health::run("syncd", args.listen_addr, &args.check);
+    }
     let (validation, log) = match &cli.command {
+        Command::Health(_) => unreachable!("answered above"),
         Command::Run(args) => (args.validate(), &args.sync.log),
         Command::Sweep(args) => (args.validate(), &args.sync.log),
         Command::Refresh(args) => (args.sync.validate(), &args.sync.log),
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
                 print!("{}", syncd::report::status(&args).await?);
                 Ok(())
             }
+            Command::Health(_) => Ok(()),
         }
     });
     match result {

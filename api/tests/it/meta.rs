@@ -138,3 +138,39 @@ async fn shutdown_drains_and_returns_cleanly() {
         "the listener is closed"
     );
 }
+
+/// `api health` is the container healthcheck: exit 0 while the api answers /health, 1 with the
+/// reason when nothing listens (the images have no curl, and dash has no /dev/tcp). Multi-thread:
+/// the child process is awaited blocking, and the api must answer meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_subcommand_exits_0_for_a_live_api_and_1_for_a_dead_port() {
+    let app = TestApp::spawn().await;
+    let run = |address: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_api"))
+            .args(["health", "--listen-addr", &address, "--timeout", "5s"])
+            .env_remove("API_LISTEN_ADDR")
+            .output()
+            .expect("api runs")
+    };
+    let live = run(format!("0.0.0.0:{}", app.address.port()));
+    assert!(
+        live.status.success(),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
+    let dead = run(format!("127.0.0.1:{}", testkit::free_port()));
+    assert_eq!(dead.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&dead.stderr).contains("unhealthy: cannot connect"));
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_api"))
+        .args([
+            "health",
+            "--listen-addr",
+            &app.address.to_string(),
+            "--path",
+            "/no-such-page",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("answered 404"));
+}

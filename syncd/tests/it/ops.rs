@@ -200,3 +200,69 @@ fn metric_names_are_found_in_queries() {
         ]
     );
 }
+
+/// Every environment variable a command of either binary reads, with the commands that read
+/// it.
+fn settings() -> std::collections::BTreeMap<String, BTreeSet<String>> {
+    fn walk(
+        command: &clap::Command,
+        path: &str,
+        out: &mut std::collections::BTreeMap<String, BTreeSet<String>>,
+    ) {
+        for arg in command.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                out.entry(env.to_string_lossy().into_owned())
+                    .or_default()
+                    .insert(path.to_owned());
+            }
+        }
+        for sub in command.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(
+        &<api::config::Cli as clap::CommandFactory>::command(),
+        "api",
+        &mut out,
+    );
+    walk(&syncd::config::command(), "syncd", &mut out);
+    out
+}
+
+/// `.env.example` names every setting the binaries read, and nothing they do not.
+#[test]
+fn the_env_example_lists_every_setting_of_both_binaries() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../.env.example");
+    let text = std::fs::read_to_string(path).expect(".env.example exists");
+    let listed: BTreeSet<String> = text
+        .lines()
+        .map(|line| line.trim_start_matches('#').trim())
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name.trim().to_owned()))
+        .filter(|name| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .collect();
+    let settings = settings();
+    let missing: Vec<String> = settings
+        .iter()
+        .filter(|(name, _)| !listed.contains(*name))
+        .map(|(name, commands)| {
+            format!(
+                "{name} ({})",
+                commands.iter().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+        .collect();
+    let unknown: Vec<&String> = listed
+        .iter()
+        .filter(|name| !settings.contains_key(*name))
+        .collect();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        "missing from .env.example: {missing:#?}\nlisted but read by neither binary: {unknown:#?}"
+    );
+}
