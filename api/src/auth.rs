@@ -67,10 +67,20 @@ pub struct TokenVerifier {
 }
 
 impl TokenVerifier {
-    pub fn new(secret: &SecretString) -> Self {
+    /// `audience` empty: the `aud` claim is not checked (the auth-service's tokens carry none,
+    /// and only it holds the secret). Otherwise every token must carry an `aud` naming one of
+    /// them. `nbf`, when present, is honoured; both checks allow 5 s of clock skew.
+    pub fn new(secret: &SecretString, audience: &[String]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 5;
+        validation.validate_nbf = true;
+        if audience.is_empty() {
+            validation.validate_aud = false;
+            validation.set_required_spec_claims(&["exp", "sub"]);
+        } else {
+            validation.set_audience(audience);
+            validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        }
         Self {
             key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
             validation,
@@ -96,6 +106,15 @@ impl TokenVerifier {
                 }
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => {
                     ApiError::Unauthorized("token signature is invalid")
+                }
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    ApiError::Unauthorized("token is not valid yet (nbf)")
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                    ApiError::Unauthorized("token is for another audience (aud)")
+                }
+                jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => {
+                    ApiError::Unauthorized("token has no audience (aud); JWT_AUDIENCE requires one")
                 }
                 _ => ApiError::Unauthorized("token is malformed or not signed with HS256"),
             })?
@@ -175,7 +194,7 @@ mod tests {
 
     #[test]
     fn roles_map_to_scopes() {
-        let verifier = TokenVerifier::new(&secret());
+        let verifier = TokenVerifier::new(&secret(), &[]);
         let admin = sign(&secret(), &claims("super_admin", None, in_an_hour())).unwrap();
         assert_eq!(
             verifier.verify(Some(&bearer(&admin))).unwrap().scope,
@@ -200,7 +219,7 @@ mod tests {
 
     #[test]
     fn tokens_that_are_not_ours_are_unauthorized() {
-        let verifier = TokenVerifier::new(&secret());
+        let verifier = TokenVerifier::new(&secret(), &[]);
         let expired = sign(&secret(), &claims("super_admin", None, 1_000)).unwrap();
         let foreign = sign(
             &SecretString::from("another-secret-entirely".to_owned()),
@@ -223,5 +242,87 @@ mod tests {
                 "{header:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod claim_tests {
+    use super::*;
+
+    fn secret() -> SecretString {
+        SecretString::from("unit-test-secret-0123456789".to_owned())
+    }
+
+    /// Signs arbitrary claims, for tokens the auth-service might send.
+    fn token(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(secret().expose_secret().as_bytes());
+        format!(
+            "Bearer {}",
+            encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        )
+    }
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    fn verdict(verifier: &TokenVerifier, claims: serde_json::Value) -> Result<(), &'static str> {
+        match verifier.verify(Some(&token(claims))) {
+            Ok(_) => Ok(()),
+            Err(ApiError::Unauthorized(why)) => Err(why),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nbf_in_the_future_is_refused_and_in_the_past_accepted() {
+        let verifier = TokenVerifier::new(&secret(), &[]);
+        let base = serde_json::json!({"sub": "1", "role": "super_admin", "exp": now() + 600});
+        let mut later = base.clone();
+        later["nbf"] = (now() + 120).into();
+        assert_eq!(
+            verdict(&verifier, later),
+            Err("token is not valid yet (nbf)")
+        );
+        let mut earlier = base.clone();
+        earlier["nbf"] = (now() - 10).into();
+        assert_eq!(verdict(&verifier, earlier), Ok(()));
+        assert_eq!(verdict(&verifier, base), Ok(()));
+    }
+
+    #[test]
+    fn without_an_expected_audience_aud_is_not_checked_and_with_one_it_is_required() {
+        let claims = |aud: Option<serde_json::Value>| {
+            let mut claims =
+                serde_json::json!({"sub": "1", "role": "super_admin", "exp": now() + 600});
+            if let Some(aud) = aud {
+                claims["aud"] = aud;
+            }
+            claims
+        };
+        let open = TokenVerifier::new(&secret(), &[]);
+        assert_eq!(verdict(&open, claims(None)), Ok(()));
+        assert_eq!(verdict(&open, claims(Some("anything".into()))), Ok(()));
+
+        let strict = TokenVerifier::new(&secret(), &["participants-api".to_owned()]);
+        assert_eq!(
+            verdict(&strict, claims(Some("participants-api".into()))),
+            Ok(())
+        );
+        assert_eq!(
+            verdict(
+                &strict,
+                claims(Some(serde_json::json!(["other", "participants-api"])))
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            verdict(&strict, claims(Some("other-service".into()))),
+            Err("token is for another audience (aud)")
+        );
+        assert_eq!(
+            verdict(&strict, claims(None)),
+            Err("token has no audience (aud); JWT_AUDIENCE requires one")
+        );
     }
 }

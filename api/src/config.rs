@@ -52,6 +52,12 @@ pub struct ServeArgs {
     #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
     pub jwt_secret: SecretString,
 
+    /// Audiences a token's `aud` must name one of (comma-separated). Unset: `aud` is not
+    /// checked (the auth-service's tokens carry none); set: a token without a matching `aud`
+    /// is refused
+    #[arg(long, env = "JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+
     #[command(flatten)]
     pub database: DatabaseArgs,
 

@@ -97,7 +97,7 @@ pub async fn run(
         db: db.clone(),
         cache,
         reads,
-        tokens: auth::TokenVerifier::new(&args.jwt_secret),
+        tokens: auth::TokenVerifier::new(&args.jwt_secret, &args.jwt_audience),
         metrics,
         waiters,
         settings: Arc::new(Settings {
