@@ -71,6 +71,22 @@ pub struct ServeArgs {
     #[arg(long, env = "PARTICIPANTS_REFRESH_WAIT", default_value = "2s", value_parser = parse_duration)]
     pub participants_refresh_wait: Duration,
 
+    /// Manual refreshes one caller (the token's `sub`) may ask for per minute on each api
+    /// replica, as a burst or spread out; past it the endpoint answers 429 with Retry-After. 0
+    /// turns the limit off
+    #[arg(
+        long,
+        env = "PARTICIPANTS_REFRESH_PER_USER_PER_MINUTE",
+        default_value_t = 30
+    )]
+    pub participants_refresh_per_user_per_minute: u32,
+
+    /// Refresh requests that may wait for their outcome at once on each api replica; the rest
+    /// are enqueued and answered 202 without waiting
+    #[arg(long, env = "PARTICIPANTS_REFRESH_MAX_WAITERS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub participants_refresh_max_waiters: u32,
+
     /// Enqueue a refresh when a read finds a count stale or missing
     #[arg(long, env = "PARTICIPANTS_ENABLE_LAZY_UPDATE", default_value = "true", value_parser = parse_bool,
           num_args = 0..=1, default_missing_value = "true")]

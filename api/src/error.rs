@@ -30,6 +30,9 @@ pub enum ApiError {
     RefreshUnavailable(&'static str),
     #[error("request timed out")]
     Timeout,
+    /// This caller asked for too many refreshes; the value is when it may ask again.
+    #[error("too many refresh requests; retry after {} s", retry_after_secs(.0))]
+    TooManyRequests(std::time::Duration),
     /// The read model has not loaded yet (Postgres has not answered since start-up).
     #[error("the chat list is loading; retry")]
     Loading,
@@ -63,6 +66,7 @@ impl ApiError {
             | ApiError::Timeout
             | ApiError::Loading => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -78,6 +82,7 @@ impl ApiError {
             ApiError::Timeout => "timeout",
             ApiError::Loading => "loading",
             ApiError::Internal(_) => "internal_error",
+            ApiError::TooManyRequests(_) => "too_many_requests",
         }
     }
 
@@ -131,6 +136,12 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let ApiError::TooManyRequests(wait) = &self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(wait)),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -139,6 +150,11 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Whole seconds to wait, rounded up (Retry-After takes no fractions), at least 1.
+fn retry_after_secs(wait: &std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
 }
 
 #[cfg(test)]

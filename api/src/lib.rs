@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod postgres;
 pub mod read_model;
 pub mod read_path;
+pub mod refresh_gate;
 pub mod routes;
 pub mod scope;
 pub mod state;
@@ -93,6 +94,22 @@ pub async fn run(
         integration_enabled,
         refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
     });
+    let refresh_gate = Arc::new(refresh_gate::RefreshGate::new(
+        args.participants_refresh_per_user_per_minute,
+        args.participants_refresh_max_waiters as usize,
+    ));
+    tokio::spawn({
+        let gate = refresh_gate.clone();
+        let cancel = background.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(60)) => gate.forget_idle(),
+                }
+            }
+        }
+    });
     let state = AppState {
         db: db.clone(),
         cache,
@@ -100,6 +117,7 @@ pub async fn run(
         tokens: auth::TokenVerifier::new(&args.jwt_secret, &args.jwt_audience),
         metrics,
         waiters,
+        refresh_gate: refresh_gate.clone(),
         settings: Arc::new(Settings {
             integration_enabled,
             refresh_wait: args.participants_refresh_wait,

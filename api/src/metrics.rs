@@ -90,7 +90,7 @@ impl Metrics {
         let refresh_waits = IntCounterVec::new(
             Opts::new(
                 "participants_refresh_waits_total",
-                "Refresh-and-wait requests by outcome: updated (answered in time) or queued",
+                "Refresh-and-wait requests by outcome: updated (answered in time), queued (not in time), or busy (answered at once: PARTICIPANTS_REFRESH_MAX_WAITERS were waiting)",
             ),
             &["outcome"],
         )

@@ -20,6 +20,7 @@ pub struct AppState {
     pub tokens: TokenVerifier,
     pub metrics: Metrics,
     pub waiters: RefreshWaiters,
+    pub refresh_gate: Arc<crate::refresh_gate::RefreshGate>,
     pub settings: Arc<Settings>,
 }
 

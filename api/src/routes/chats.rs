@@ -123,6 +123,8 @@ pub struct RefreshQueued {
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Unknown role", body = ErrorBody),
         (status = 404, description = "No such chat in the caller's scope", body = ErrorBody),
+        (status = 429, description = "This caller asked for more refreshes than PARTICIPANTS_REFRESH_PER_USER_PER_MINUTE; Retry-After says when to ask again", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the caller may ask again"))),
         (status = 503, description = "Redis is unavailable, the integration is disabled, or the chats have not loaded yet", body = ErrorBody),
     )
 )]
@@ -141,6 +143,10 @@ pub async fn refresh_participants(
     if !state.cache.is_enabled() {
         return Err(ApiError::RefreshUnavailable("redis is disabled"));
     }
+    state
+        .refresh_gate
+        .admit(&principal.user_id)
+        .map_err(ApiError::TooManyRequests)?;
     // Any outcome published from now on is at most as old as this request: it comes from a
     // MAX call made either for this request or for one already in flight for the same chat.
     let mut outcomes = state.waiters.subscribe();
@@ -174,6 +180,18 @@ pub async fn refresh_participants(
         }
     };
     let metrics = &state.metrics.refresh_waits;
+    // The request is in the stream either way; only a place among the waiters is capped.
+    let Some(_waiting) = state.refresh_gate.try_wait() else {
+        metrics.with_label_values(&["busy"]).inc();
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(RefreshQueued {
+                status: "queued",
+                chat_id: chat.id,
+            }),
+        )
+            .into_response());
+    };
     match tokio::time::timeout(state.settings.refresh_wait, wait).await {
         Ok(Some((participants_count, updated_at))) => {
             metrics.with_label_values(&["updated"]).inc();

@@ -471,6 +471,7 @@ pub async fn spawn_bare_api(
     oneshot::Sender<()>,
     JoinHandle<anyhow::Result<()>>,
 ) {
+    shared::tls::init();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();

@@ -10,7 +10,7 @@ use shared::counts::{write_fenced, CachedCount};
 use shared::keys;
 use shared::refresh::{Priority, RefreshOutcome, RefreshRequest};
 
-use crate::helpers::{eventually, NewChat, TestApp};
+use crate::helpers::{eventually, metric, NewChat, TestApp};
 
 async fn read_stream(app: &TestApp, stream: &str) -> Vec<RefreshRequest> {
     let client = app.redis_client().await;
@@ -279,5 +279,91 @@ async fn refresh_without_an_answer_in_time_is_queued() {
             .await
             .status(),
         401
+    );
+}
+
+/// A curator's script hammering the refresh endpoint gets its quota, then 429 with Retry-After;
+/// another caller is not held back, and the stream holds only what was admitted.
+#[tokio::test]
+async fn one_caller_past_its_refresh_rate_gets_429_and_others_do_not() {
+    let app = TestApp::spawn_with(|args| {
+        args.participants_refresh_wait = Duration::from_millis(50);
+        args.participants_refresh_per_user_per_minute = 3;
+    })
+    .await;
+    let id = app.insert_chat(NewChat::default()).await;
+    let path = format!("/chats/{id}/refresh-participants");
+    let script = api::auth::sign(
+        &secrecy::SecretString::from(crate::helpers::JWT_SECRET.to_owned()),
+        &api::auth::Claims {
+            sub: "curator-script".into(),
+            role: "super_admin".into(),
+            exp: Utc::now().timestamp() + 600,
+            university_id: None,
+            branch_id: None,
+            faculty_id: None,
+        },
+    )
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(app.post(&path, Some(&script)).await.status(), 202);
+    }
+    let refused = app.post(&path, Some(&script)).await;
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry_after), "{retry_after}");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_requests");
+    // Another caller (the helpers' tokens carry sub 42) is not held back.
+    assert_eq!(app.post(&path, Some(&app.admin())).await.status(), 202);
+    assert_eq!(
+        read_stream(&app, keys::REFRESH_STREAM_MANUAL).await.len(),
+        4
+    );
+}
+
+/// Past PARTICIPANTS_REFRESH_MAX_WAITERS a request is still enqueued, and answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_past_the_waiter_cap_are_enqueued_and_answered_at_once() {
+    let app = TestApp::spawn_with(|args| {
+        args.participants_refresh_wait = Duration::from_secs(3);
+        args.participants_refresh_max_waiters = 1;
+    })
+    .await;
+    let first = app.insert_chat(NewChat::default()).await;
+    let second = app.insert_chat(NewChat::default()).await;
+    let token = app.admin();
+    let (first_path, second_path) = (
+        format!("/chats/{first}/refresh-participants"),
+        format!("/chats/{second}/refresh-participants"),
+    );
+    let (a, b) = tokio::join!(app.post(&first_path, Some(&token)), async {
+        // The first holds the only place while it waits for an answer no syncd gives.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        app.post(&second_path, Some(&token)).await
+    });
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (202, 202));
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "participants_refresh_waits_total{outcome=\"busy\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "participants_refresh_waits_total{outcome=\"queued\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        read_stream(&app, keys::REFRESH_STREAM_MANUAL).await.len(),
+        2
     );
 }
