@@ -279,10 +279,17 @@ impl Cache {
         if self.client.is_none() {
             return;
         }
+        let mut first = true;
         loop {
             let healthy = self.ping().await;
             let was = self.available.swap(healthy, Ordering::Relaxed);
             self.metrics.cache_available.set(i64::from(healthy));
+            if first && !healthy {
+                tracing::error!(
+                    "redis does not answer at start-up (REDIS_URL); counts come from postgres and manual refreshes are refused until it does"
+                );
+            }
+            first = false;
             if healthy && !was {
                 tracing::info!("redis answers; serving counts from the cache");
             } else if !healthy && was {

@@ -65,6 +65,20 @@ pub async fn run(
     // were refused with 503). A dead Redis delays start-up by this much at most.
     cache.warm_up(std::time::Duration::from_millis(500)).await;
     tokio::spawn(cache.clone().run_probe(background.clone()));
+    // Say at once when Postgres cannot be reached, rather than only "api listening".
+    tokio::spawn({
+        let db = db.clone();
+        async move {
+            let check = sqlx::query("select 1").execute(&db);
+            match tokio::time::timeout(Duration::from_secs(5), check).await {
+                Ok(Ok(_)) => tracing::info!("postgres answers"),
+                Ok(Err(error)) => tracing::error!(error = %error,
+                    "postgres cannot be reached at start-up (DATABASE_URL); /health/ready answers 503 and reads wait for the first load"),
+                Err(_) => tracing::error!(
+                    "postgres did not answer within 5 s at start-up (DATABASE_URL); /health/ready answers 503 and reads wait for the first load"),
+            }
+        }
+    });
     let integration_enabled = !args.participants_integration_disabled;
     if integration_enabled && !args.redis.disable_redis {
         let subscriber = shared::redis::connect_subscriber(&args.redis)?;

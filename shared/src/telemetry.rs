@@ -57,9 +57,9 @@ pub fn init(args: &LogArgs, service_name: &'static str) -> Result<Telemetry, Str
     let provider = match endpoint {
         None => None,
         Some(endpoint) => {
-            if !endpoint.starts_with("http://") {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 return Err(format!(
-                    "OTEL_EXPORTER_OTLP_ENDPOINT `{endpoint}` must be an http:// URL of an OTLP/HTTP collector"
+                    "OTEL_EXPORTER_OTLP_ENDPOINT `{endpoint}` must be an http:// or https:// URL of an OTLP/HTTP collector"
                 ));
             }
             let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -106,4 +106,30 @@ pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
     let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     let context = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(context);
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    fn with_endpoint(endpoint: &str) -> Result<Telemetry, String> {
+        init(
+            &LogArgs {
+                log_format: "text".into(),
+                log_level: "warn".into(),
+                otel_exporter_otlp_endpoint: Some(endpoint.into()),
+            },
+            "test",
+        )
+    }
+
+    #[tokio::test]
+    async fn an_https_collector_is_accepted_and_other_schemes_are_refused_by_name() {
+        assert!(with_endpoint("https://collector.example:4318").is_ok());
+        assert!(with_endpoint("http://collector.example:4318").is_ok());
+        let refused = with_endpoint("grpc://collector.example:4317")
+            .err()
+            .unwrap();
+        assert!(refused.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{refused}");
+    }
 }

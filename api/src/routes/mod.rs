@@ -60,6 +60,25 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+const REQUEST_ID: &str = "x-request-id";
+
+/// The caller's `x-request-id` when it is a sane token (at most 64 of `[A-Za-z0-9._-]`), else a
+/// new UUID: an id a log search can trust, whatever a client sends.
+fn request_id(request: &Request) -> String {
+    request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
 /// Times each request out, records its metrics, and logs it once.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -71,43 +90,68 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     let method = request.method().clone();
     // A metric label must not take whatever a client sends: a random method per request
     // would make a new series each time, unauthenticated.
-    let method_label = match method.as_str() {
-        known @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => known,
+    let method_label: &'static str = match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
         _ => "other",
     };
     // The request's span continues the caller's trace when it sent a `traceparent`; the trace
-    // then goes on through the refresh stream into syncd's MAX call.
-    let span = tracing::info_span!("http.request", otel.kind = "server", http.method = %method, http.route = %route);
-    if let Some(traceparent) = request
+    // then goes on through the refresh stream into syncd's MAX call. Every log line of the
+    // request carries the span's request id and trace id.
+    let request_id = request_id(&request);
+    let incoming = request
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-    {
+        .map(str::to_owned);
+    let span = tracing::info_span!("http.request", otel.kind = "server", http.method = %method,
+        http.route = %route, request_id = %request_id, trace_id = tracing::field::Empty);
+    if let Some(traceparent) = &incoming {
         shared::telemetry::set_remote_parent(&span, traceparent);
     }
-    let handled = next.run(request).instrument(span);
-    let response = match tokio::time::timeout(state.settings.request_timeout, handled).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Timeout.into_response(),
-    };
-    let elapsed = started.elapsed();
-    let status = response.status();
-    state
-        .metrics
-        .http_requests
-        .with_label_values(&[route.as_str(), method_label, status.as_str()])
-        .inc();
-    state
-        .metrics
-        .http_duration
-        .with_label_values(&[route.as_str()])
-        .observe(elapsed.as_secs_f64());
-    if status.is_server_error() {
-        tracing::warn!(http.route = %route, http.method = %method, http.status = status.as_u16(),
-            duration_ms = elapsed.as_millis() as u64, "request failed");
-    } else {
-        tracing::debug!(http.route = %route, http.method = %method, http.status = status.as_u16(),
-            duration_ms = elapsed.as_millis() as u64, "request served");
+    // The exported trace's id when tracing is on; else the caller's, so logs still join up.
+    let trace_id = span
+        .in_scope(shared::telemetry::current_traceparent)
+        .or(incoming)
+        .and_then(|traceparent| traceparent.split('-').nth(1).map(str::to_owned));
+    if let Some(trace_id) = &trace_id {
+        span.record("trace_id", trace_id.as_str());
     }
-    response
+    async move {
+        let handled = next.run(request);
+        let mut response = match tokio::time::timeout(state.settings.request_timeout, handled).await {
+            Ok(response) => response,
+            Err(_) => ApiError::Timeout.into_response(),
+        };
+        if let Ok(value) = axum::http::HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID, value);
+        }
+        let elapsed = started.elapsed();
+        let status = response.status();
+        state
+            .metrics
+            .http_requests
+            .with_label_values(&[route.as_str(), method_label, status.as_str()])
+            .inc();
+        state
+            .metrics
+            .http_duration
+            .with_label_values(&[route.as_str()])
+            .observe(elapsed.as_secs_f64());
+        if status.is_server_error() {
+            tracing::warn!(http.route = %route, http.method = %method, http.status = status.as_u16(),
+                duration_ms = elapsed.as_millis() as u64, "request failed");
+        } else {
+            tracing::debug!(http.route = %route, http.method = %method, http.status = status.as_u16(),
+                duration_ms = elapsed.as_millis() as u64, "request served");
+        }
+        response
+    }
+    .instrument(span)
+    .await
 }

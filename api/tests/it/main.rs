@@ -7,6 +7,7 @@ mod faults;
 mod helpers;
 mod lazy;
 mod list;
+mod logs;
 mod meta;
 mod migrations;
 mod read_model;

@@ -94,3 +94,70 @@ async fn migrate_serve_and_run_against_postgres_and_redis_that_require_tls() {
     let _ = stop_api.send(());
     replica.stop().await.unwrap();
 }
+
+/// The one reqwest in the tree (the MAX client's and the OTLP exporter's) speaks TLS with the
+/// process's rustls provider and trusts a private CA through `SSL_CERT_FILE`.
+#[tokio::test]
+async fn the_http_client_of_the_max_api_and_the_exporter_verifies_https_against_the_roots() {
+    shared::tls::init();
+    let dir = tempfile_dir();
+    let ca = testkit::TestCa::new(&dir);
+    let port = testkit::free_port();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+        .arg("-cert")
+        .arg(&ca.cert)
+        .arg("-key")
+        .arg(&ca.key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server runs");
+    let url = format!("https://localhost:{port}/");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Not trusted yet: the platform's roots do not hold the test's CA.
+    std::env::set_var("SSL_CERT_FILE", "/nonexistent-bundle.pem");
+    let untrusted = reqwest::Client::builder()
+        .build()
+        .unwrap()
+        .get(&url)
+        .send()
+        .await;
+    std::env::set_var("SSL_CERT_FILE", &ca.ca);
+    let mut trusted = None;
+    for _ in 0..50 {
+        match reqwest::Client::builder()
+            .build()
+            .unwrap()
+            .get(&url)
+            .send()
+            .await
+        {
+            Ok(response) => {
+                trusted = Some(response.status());
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(trusted, Some(reqwest::StatusCode::OK));
+    let refusal = format!(
+        "{:?}",
+        untrusted.expect_err("a certificate from an unknown CA was accepted")
+    );
+    assert!(refusal.to_lowercase().contains("certificate"), "{refusal}");
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tls-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
