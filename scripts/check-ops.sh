@@ -10,6 +10,20 @@ echo "check-ops: promtool"
 promtool check rules ops/prometheus/participants-rules.yml
 (cd ops/prometheus && promtool test rules participants-rules.test.yml)
 
+echo "check-ops: every alert has a runbook section"
+for anchor in $(grep -o 'runbook_url: docs/RUNBOOK.md#[a-z]*' ops/prometheus/participants-rules.yml | cut -d'#' -f2); do
+    if ! grep -qi "^## ${anchor}\$" docs/RUNBOOK.md; then
+        echo "check-ops: docs/RUNBOOK.md has no section for #${anchor}" >&2
+        exit 1
+    fi
+done
+alerts=$(grep -c '^ *- alert:' ops/prometheus/participants-rules.yml)
+linked=$(grep -c 'runbook_url: docs/RUNBOOK.md#' ops/prometheus/participants-rules.yml)
+if [ "$alerts" != "$linked" ]; then
+    echo "check-ops: $alerts alerts but $linked runbook_url annotations" >&2
+    exit 1
+fi
+
 echo "check-ops: docker-compose"
 JWT_SECRET=check-ops-secret-0123456789 docker-compose -f compose.yaml config -q
 # No default JWT_SECRET: without one, compose must refuse to start.

@@ -27,7 +27,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = shared::metrics::registry();
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("metric name is valid");
             registry

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub sweep_planned: IntGaugeVec,
     pub sweeps: IntCounterVec,
     pub stale_data_count: IntGauge,
+    pub full_sweep_last_finished: IntGauge,
+    pub full_sweep_interval: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -37,7 +39,7 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 
 impl Metrics {
     pub fn new() -> Self {
-        let r = Registry::new();
+        let r = shared::metrics::registry();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             register(
                 &r,
@@ -126,6 +128,22 @@ impl Metrics {
                 &r,
                 IntGauge::new("participants_stale_data_count", "Chats whose count is older than the stale threshold or missing")
                     .expect("valid metric"),
+            ),
+            full_sweep_last_finished: register(
+                &r,
+                IntGauge::new(
+                    "participants_full_sweep_last_finished_timestamp_seconds",
+                    "When the fleet's last full sweep finished (Unix time, from Postgres; 0 before the first)",
+                )
+                .expect("valid metric"),
+            ),
+            full_sweep_interval: register(
+                &r,
+                IntGauge::new(
+                    "participants_full_sweep_interval_seconds",
+                    "The full sweep schedule's period (a day when the schedule is off: the CronJob's default)",
+                )
+                .expect("valid metric"),
             ),
             registry: r,
         }

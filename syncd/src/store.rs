@@ -193,6 +193,17 @@ pub struct Failure {
     pub asked_at: DateTime<Utc>,
 }
 
+/// When the last sweep of `kind` finished, fleet-wide (Unix seconds).
+pub async fn last_finished(pool: &PgPool, kind: SweepKind) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select extract(epoch from max(finished_at))::bigint from sync_sweeps \
+         where kind = $1 and finished_at is not null",
+    )
+    .bind(kind.as_str())
+    .fetch_one(pool)
+    .await
+}
+
 /// Records failures in one statement, fenced by `checked_at` (at most the database's now). The
 /// last count is kept.
 pub async fn write_failures(pool: &PgPool, failures: &[Failure]) -> Result<(), sqlx::Error> {

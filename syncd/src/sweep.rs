@@ -95,6 +95,29 @@ impl Sweeper {
 
     /// Runs the scheduled sweeps (when `background_sync`) and the sweeps operators ask for,
     /// until `cancel`.
+    /// Keeps the gauges an alert needs to see a late full sweep: the schedule's period and when
+    /// the fleet's last full sweep finished (from Postgres, so every replica reports the same).
+    async fn publish_full_sweep_gauges(self: Arc<Self>, cancel: CancellationToken) {
+        let now = Utc::now();
+        let period = self
+            .schedules
+            .of(SweepKind::Full)
+            .and_then(|schedule| schedule.period_after(schedule.latest(now).unwrap_or(now)))
+            .unwrap_or(Duration::from_secs(86_400));
+        self.metrics
+            .full_sweep_interval
+            .set(period.as_secs() as i64);
+        loop {
+            if let Ok(Some(finished)) = store::last_finished(&self.db, SweepKind::Full).await {
+                self.metrics.full_sweep_last_finished.set(finished);
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+        }
+    }
+
     pub async fn run_scheduler(self, background_sync: bool, cancel: CancellationToken) {
         let this = Arc::new(self);
         let kinds: Vec<SweepKind> = if background_sync {
@@ -108,6 +131,7 @@ impl Sweeper {
         let trigger = Trigger::start(&this.schedules, &kinds).await;
         let tasks = TaskTracker::new();
         tasks.spawn(this.clone().run_requests(cancel.clone()));
+        tasks.spawn(this.clone().publish_full_sweep_gauges(cancel.clone()));
         for kind in kinds {
             let Some(schedule) = this.schedules.of(kind).cloned() else {
                 continue;

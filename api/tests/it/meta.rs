@@ -72,6 +72,11 @@ async fn metrics_expose_the_seed_names() {
         "participants_cache_available",
         "http_requests_total",
         "http_request_duration_seconds",
+        // the process's own, as every Prometheus client exports them
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
     ] {
         assert!(page.contains(name), "{name} missing from /metrics");
     }
