@@ -212,7 +212,7 @@ fn to_six_fields(expression: &str) -> Result<String, String> {
 pub fn interval_to_cron(interval: Duration) -> Result<String, String> {
     let secs = interval.as_secs();
     let whole = interval.subsec_nanos() == 0 && secs > 0;
-    let divides = |unit: u64, n: u64| n > 0 && n < unit && unit % n == 0;
+    let divides = |unit: u64, n: u64| n > 0 && n < unit && unit.is_multiple_of(n);
     match secs {
         _ if !whole => {}
         1 => return Ok("* * * * * *".to_owned()),

@@ -179,3 +179,23 @@ async fn the_health_subcommand_exits_0_for_a_live_api_and_1_for_a_dead_port() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("answered 404"));
 }
+
+/// `api/openapi.json` is the document the api serves at /openapi.json, checked in so that a
+/// change of the contract shows in review. Regenerate it with
+/// `UPDATE_OPENAPI=1 cargo test -p api --test it the_checked_in_openapi`.
+#[test]
+fn the_checked_in_openapi_document_matches_the_generated_one() {
+    use utoipa::OpenApi;
+    let generated =
+        serde_json::to_string_pretty(&api::routes::meta::ApiDoc::openapi()).unwrap() + "\n";
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(path, &generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "api/openapi.json differs from the generated document; regenerate it with \
+         UPDATE_OPENAPI=1 cargo test -p api --test it the_checked_in_openapi, and review the diff"
+    );
+}
