@@ -1,21 +1,12 @@
--- Indexes that serve every whitelisted sort of `GET /chats/all` (each with `id` as the
--- tie-breaker, so pages are stable) and its substring search without a sequential scan.
--- The search expression must stay identical to `SEARCH_DOCUMENT` in api/src/chats.rs.
+-- The extension the substring search needs. The list indexes this migration used to build, in
+-- one transaction holding a SHARE lock on the live `chats` (blocking the legacy service's
+-- writes for the whole build), are now built one by one with CREATE INDEX CONCURRENTLY in the
+-- migrations 20261203000002 to 20261203000011. A database that applied the old text has them
+-- already (those migrations are then no-ops), and `api migrate` records this text's checksum
+-- for it (shared::db::REWRITTEN_MIGRATIONS).
+--
+-- pg_trgm is a trusted extension (PostgreSQL 13+): the migrating role needs the CREATE
+-- privilege on the database, not superuser; without it, have an administrator run
+-- `create extension pg_trgm;` once first.
 
 create extension if not exists pg_trgm;
-
-create index if not exists chats_search_trgm_idx on chats using gin (
-    (coalesce(name, '') || ' ' || coalesce(department, '') || ' ' || coalesce(max_chat_id, '')
-        || ' ' || coalesce(source, '')) gin_trgm_ops
-);
-
-create index if not exists chats_name_id_idx on chats (name, id);
-create index if not exists chats_url_id_idx on chats (url, id);
-create index if not exists chats_max_chat_id_id_idx on chats (max_chat_id, id);
-create index if not exists chats_participants_count_id_idx on chats (participants_count, id);
-create index if not exists chats_department_id_idx on chats (department, id);
-create index if not exists chats_source_id_idx on chats (source, id);
-create index if not exists chats_created_at_id_idx on chats (created_at, id);
-create index if not exists chats_updated_at_id_idx on chats (updated_at, id);
--- curators and operators list their own university, by name unless they sort otherwise
-create index if not exists chats_university_id_name_id_idx on chats (university_id, name, id);

@@ -159,6 +159,12 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
+    /// Longest a migration waits for a lock on a table in use (the legacy service's `chats`);
+    /// writers queued behind it wait at most this long. On a timeout the migration is rolled
+    /// back and tried again, up to 20 times with a growing pause
+    #[arg(long, env = "MIGRATE_LOCK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub lock_timeout: Duration,
+
     #[command(flatten)]
     pub log: LogArgs,
 }

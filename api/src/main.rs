@@ -48,7 +48,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            runtime().and_then(|rt| rt.block_on(api::migrate(&args.database)))
+            runtime()
+                .and_then(|rt| rt.block_on(api::migrate_with(&args.database, args.lock_timeout)))
         }
         Command::Token(args) => {
             let claims = api::auth::Claims {

@@ -184,3 +184,175 @@ async fn every_sort_and_search_is_served_by_an_index() {
         "{plan}"
     );
 }
+
+/// The legacy service keeps writing `chats` (300,000 rows) while `api migrate` runs, and one of
+/// its transactions holds a row lock for 4 s meanwhile: no write waits longer than the lock
+/// timeout plus a margin for the short DDL locks, the migration gives way and tries again, and
+/// it finishes with every list index valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_writes_never_wait_longer_than_the_lock_timeout_while_migrating() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let pg = testkit::PgServer::start();
+    pg.create_database("chat_service");
+    pg.psql(
+        "chat_service",
+        include_str!("fixtures/legacy_chat_service.sql"),
+    );
+    pg.psql(
+        "chat_service",
+        "insert into chats (name, url, max_chat_id, participants_count, university_id, department, source) \
+         select 'Группа ' || g, 'https://max.ru/join/' || g, (-70000000000000 - g)::text, g % 300, 1 + g % 5, \
+                'Кафедра ' || (g % 40), 'admin_panel' \
+         from generate_series(1, 300000) g",
+    );
+    let url = pg.database_url("chat_service");
+    let writers = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    // The legacy service: renames chats back to back and records the slowest write.
+    let writer = tokio::spawn({
+        let (writers, done) = (writers.clone(), done.clone());
+        async move {
+            let mut slowest = Duration::ZERO;
+            let mut writes = 0u64;
+            let mut id = 1i64;
+            while !done.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                sqlx::query("update chats set name = name || '' where id = $1")
+                    .bind(id % 299_999 + 2)
+                    .execute(&writers)
+                    .await
+                    .expect("a legacy write never fails");
+                slowest = slowest.max(started.elapsed());
+                writes += 1;
+                id += 7919;
+            }
+            (slowest, writes)
+        }
+    });
+    // A long legacy transaction: the migration's table locks cannot be had for 4 s.
+    let long = tokio::spawn({
+        let writers = writers.clone();
+        async move {
+            let mut tx = writers.begin().await.unwrap();
+            sqlx::query("update chats set name = name where id = 1")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            tx.commit().await.unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut args = serve_args(&pg, "redis://127.0.0.1:1");
+    args.database.database_url = url.clone().into();
+    let lock_timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    api::migrate_with(&args.database, lock_timeout)
+        .await
+        .expect("the migration finishes, giving way to the legacy transaction");
+    let migration = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let (slowest, writes) = writer.await.unwrap();
+    long.await.unwrap();
+
+    let invalid = pg.psql(
+        "chat_service",
+        "select count(*) from pg_index i join pg_class c on c.oid = i.indexrelid \
+         where c.relname like 'chats\\_%\\_idx' and not i.indisvalid",
+    );
+    assert_eq!(invalid, "0");
+    let built = pg.psql(
+        "chat_service",
+        "select count(*) from pg_class where relname in ('chats_search_trgm_idx', 'chats_name_id_idx', \
+         'chats_university_id_name_id_idx', 'chats_updated_at_id_idx')",
+    );
+    assert_eq!(built, "4");
+    assert!(
+        writes > 100,
+        "the legacy service kept writing ({writes} writes)"
+    );
+    // The long transaction's own row is the one write that may wait for it (4 s): the writer
+    // never touches id 1, so every wait here is behind the migration.
+    assert!(
+        slowest < lock_timeout + Duration::from_millis(1500),
+        "a legacy write waited {slowest:?} (lock timeout {lock_timeout:?}; migration took {migration:?}, {writes} writes)"
+    );
+}
+
+/// A database that applied 20261122000004 in its old text (every list index in one
+/// transaction) is not refused as "modified": `api migrate` records the new text, and the
+/// concurrent index migrations find the indexes there.
+#[tokio::test]
+async fn a_database_migrated_with_the_old_text_of_a_rewritten_migration_is_accepted() {
+    let pg = testkit::PgServer::start();
+    let args = serve_args(&pg, "redis://127.0.0.1:1");
+    api::migrate(&args.database).await.expect("first migrate");
+    let (version, old) = shared::db::REWRITTEN_MIGRATIONS[0];
+    pg.psql(
+        "postgres",
+        &format!("update _sqlx_migrations set checksum = decode('{old}', 'hex') where version = {version}"),
+    );
+    api::migrate(&args.database)
+        .await
+        .expect("a database with the old text migrates");
+    let recorded = pg.psql(
+        "postgres",
+        &format!("select encode(checksum, 'hex') from _sqlx_migrations where version = {version}"),
+    );
+    assert_ne!(recorded, old, "the new text's checksum is recorded");
+}
+
+/// Two pods starting together both run `api migrate` (their init containers): one waits for
+/// the other, neither deadlocks the other's concurrent index builds, and every index is valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_migrations_started_together_both_finish_and_leave_valid_indexes() {
+    let pg = testkit::PgServer::start();
+    pg.create_database("chat_service");
+    pg.psql(
+        "chat_service",
+        include_str!("fixtures/legacy_chat_service.sql"),
+    );
+    pg.psql(
+        "chat_service",
+        "insert into chats (name, url, participants_count, source) \
+         select 'Группа ' || g, 'https://max.ru/join/' || g, g % 300, 'admin_panel' from generate_series(1, 100000) g",
+    );
+    let mut args = serve_args(&pg, "redis://127.0.0.1:1");
+    args.database.database_url = pg.database_url("chat_service").into();
+    let timeout = std::time::Duration::from_secs(2);
+    let (a, b) = tokio::join!(
+        api::migrate_with(&args.database, timeout),
+        api::migrate_with(&args.database, timeout)
+    );
+    a.expect("the first migrate finishes");
+    b.expect("the second migrate finishes");
+    assert_eq!(
+        pg.psql(
+            "chat_service",
+            "select count(*) from pg_index i join pg_class c on c.oid = i.indexrelid \
+             where c.relname like 'chats\\_%\\_idx' and not i.indisvalid",
+        ),
+        "0"
+    );
+    let expected = shared::db::CONCURRENT_INDEXES.len().to_string();
+    let names = shared::db::CONCURRENT_INDEXES
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert_eq!(
+        pg.psql(
+            "chat_service",
+            &format!("select count(*) from pg_class where relname in ({names})")
+        ),
+        expected
+    );
+}
