@@ -142,6 +142,19 @@ impl Cache {
         traceparent: Option<&str>,
     ) -> Result<u64, Unavailable> {
         let client = self.usable().ok_or(Unavailable)?;
+        self.enqueue_on(client, priority, chat_ids, marker_ttl, traceparent)
+            .await
+    }
+
+    /// `enqueue` on `client` whatever the circuit says, under the round-trip deadline.
+    async fn enqueue_on(
+        &self,
+        client: &Client,
+        priority: Priority,
+        chat_ids: &[i32],
+        marker_ttl: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<u64, Unavailable> {
         let added = self
             .call(
                 "enqueue refresh",
@@ -169,22 +182,14 @@ impl Cache {
     ) -> Result<bool, Unavailable> {
         if replicas == 0 {
             let client = self.client.as_ref().ok_or(Unavailable)?;
-            let added = self
-                .call(
-                    "enqueue refresh",
-                    refresh::enqueue(
-                        client,
-                        Priority::Manual,
-                        &[chat_id],
-                        marker_ttl,
-                        traceparent,
-                    ),
-                )
-                .await?;
-            self.metrics
-                .refresh_enqueued
-                .with_label_values(&[Priority::Manual.as_str()])
-                .inc_by(added);
+            self.enqueue_on(
+                client,
+                Priority::Manual,
+                &[chat_id],
+                marker_ttl,
+                traceparent,
+            )
+            .await?;
             return Ok(true);
         }
         let client = self.manual.as_ref().ok_or(Unavailable)?;

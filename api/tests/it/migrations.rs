@@ -2,14 +2,19 @@
 
 use crate::helpers::serve_args;
 
-#[tokio::test]
-async fn migrate_keeps_every_legacy_row_and_only_adds() {
-    let pg = testkit::PgServer::start();
+/// The chat-service's database as it is in production, with a few rows: `chat_service`.
+fn legacy_chat_service(pg: &testkit::PgServer) {
     pg.create_database("chat_service");
     pg.psql(
         "chat_service",
         include_str!("fixtures/legacy_chat_service.sql"),
     );
+}
+
+#[tokio::test]
+async fn migrate_keeps_every_legacy_row_and_only_adds() {
+    let pg = testkit::PgServer::start();
+    legacy_chat_service(&pg);
     let before = pg.psql(
         "chat_service",
         "select string_agg(format('%s|%s|%s|%s|%s', id, name, participants_count, created_at, updated_at), ';' order by id) from chats",
@@ -196,11 +201,7 @@ async fn legacy_writes_never_wait_longer_than_the_lock_timeout_while_migrating()
     use std::time::{Duration, Instant};
 
     let pg = testkit::PgServer::start();
-    pg.create_database("chat_service");
-    pg.psql(
-        "chat_service",
-        include_str!("fixtures/legacy_chat_service.sql"),
-    );
+    legacy_chat_service(&pg);
     pg.psql(
         "chat_service",
         "insert into chats (name, url, max_chat_id, participants_count, university_id, department, source) \
@@ -315,11 +316,7 @@ async fn a_database_migrated_with_the_old_text_of_a_rewritten_migration_is_accep
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_migrations_started_together_both_finish_and_leave_valid_indexes() {
     let pg = testkit::PgServer::start();
-    pg.create_database("chat_service");
-    pg.psql(
-        "chat_service",
-        include_str!("fixtures/legacy_chat_service.sql"),
-    );
+    legacy_chat_service(&pg);
     pg.psql(
         "chat_service",
         "insert into chats (name, url, participants_count, source) \

@@ -10,6 +10,19 @@ use sqlx::postgres::PgPoolOptions;
 use crate::end_to_end::{start_api, token};
 use crate::helpers::{eventually, World};
 
+/// The api's first page of chats, as a super_admin.
+async fn list_chats(api: std::net::SocketAddr) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("http://{api}/chats/all?limit=100"))
+        .bearer_auth(token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn migrate_serve_and_run_against_postgres_and_redis_that_require_tls() {
     // Before the world trusts Redis's CA: a client that does not know the CA is refused.
@@ -52,15 +65,7 @@ async fn migrate_serve_and_run_against_postgres_and_redis_that_require_tls() {
     let replica = world.replica(&[]).await;
     let (api, stop_api) = start_api(&world, &[]).await;
     // A read enqueues the chats that have no count; syncd refreshes them over TLS to both.
-    let page: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{api}/chats/all?limit=100"))
-        .bearer_auth(token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = list_chats(api).await;
     assert_eq!(page["data"].as_array().map(Vec::len), Some(ids.len()));
     let world = &world;
     let expected = ids.len() as i64;
@@ -74,16 +79,7 @@ async fn migrate_serve_and_run_against_postgres_and_redis_that_require_tls() {
         Duration::from_secs(30),
         "the api serves counts from Redis",
         || async move {
-            let page: serde_json::Value = reqwest::Client::new()
-                .get(format!("http://{api}/chats/all?limit=100"))
-                .bearer_auth(token())
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            page["data"]
+            list_chats(api).await["data"]
                 .as_array()
                 .unwrap()
                 .iter()
