@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fred::prelude::*;
@@ -463,13 +463,12 @@ impl Refresher {
             }
             let asked_at = Utc::now();
             let sent_at = tokio::time::Instant::now();
-            let started = Instant::now();
             let span = tracing::info_span!("max.get_chat", otel.kind = "client", max.chat_id = %chat_id, attempt);
             let result = inner.max.get_chat(chat_id).instrument(span).await;
             inner
                 .metrics
                 .update_duration
-                .observe(started.elapsed().as_secs_f64());
+                .observe(sent_at.elapsed().as_secs_f64());
             let error = match result {
                 Ok(chat) => {
                     inner.metrics.max_requests.with_label_values(&["ok"]).inc();
