@@ -263,6 +263,9 @@ async fn legacy_writes_never_wait_longer_than_the_lock_timeout_while_migrating()
     done.store(true, Ordering::Relaxed);
     let (slowest, writes) = writer.await.unwrap();
     long.await.unwrap();
+    eprintln!(
+        "migration took {migration:?}; {writes} legacy writes meanwhile, the slowest {slowest:?} (lock timeout {lock_timeout:?})"
+    );
 
     let invalid = pg.psql(
         "chat_service",
