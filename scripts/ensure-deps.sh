@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs what `make run` needs, where missing: redis-server and the PostgreSQL server, from
-# the system's packages. With --ops, also what `make test` needs to validate the operations
-# artefacts: promtool (prometheus) and docker-compose (no engine is needed) from the system's
-# packages, and kubernetes-validate and schemathesis from PyPI into target/ops-venv.
+# Installs what `make run` needs, where missing: redis-server, the PostgreSQL server and openssl
+# (the TLS tests' certificates), from the system's packages. With --ops, also what `make test`
+# needs to validate the operations artefacts: promtool (prometheus) and docker-compose (no
+# engine is needed) from the system's packages, and kubernetes-validate and schemathesis from
+# PyPI into target/ops-venv.
 # Runs `apt-get update` at most once, and only when something is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,8 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     missing+=(postgresql)
 fi
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+# The TLS tests make their certificates with the openssl command.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if $ops; then
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
