@@ -255,22 +255,13 @@ pub async fn migrate_with(
 /// Postgres gave up waiting for a lock (`lock_not_available`, 55P03) or broke a deadlock with
 /// the legacy service's transactions (40P01): the migration was rolled back; try again.
 fn is_retryable(error: &anyhow::Error) -> bool {
+    // sqlx's MigrateError::Execute and ::ExecuteMigration name the database error as their
+    // source, so the chain reaches it whether a migration or a query of ours failed.
     error.chain().any(|cause| {
-        let db = cause
+        let code = cause
             .downcast_ref::<sqlx::Error>()
             .and_then(sqlx::Error::as_database_error)
-            .or_else(
-                || match cause.downcast_ref::<sqlx::migrate::MigrateError>() {
-                    Some(sqlx::migrate::MigrateError::Execute(e))
-                    | Some(sqlx::migrate::MigrateError::ExecuteMigration(e, _)) => {
-                        e.as_database_error()
-                    }
-                    _ => None,
-                },
-            );
-        matches!(
-            db.and_then(|e| e.code()).as_deref(),
-            Some("55P03" | "40P01")
-        )
+            .and_then(|e| e.code());
+        matches!(code.as_deref(), Some("55P03" | "40P01"))
     })
 }
