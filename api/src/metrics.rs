@@ -90,7 +90,7 @@ impl Metrics {
         let refresh_waits = IntCounterVec::new(
             Opts::new(
                 "participants_refresh_waits_total",
-                "Refresh-and-wait requests by outcome: updated (answered in time), queued (not in time), or busy (answered at once: PARTICIPANTS_REFRESH_MAX_WAITERS were waiting)",
+                "Refresh-and-wait requests by outcome: updated (answered in time), unavailable (answered in time: MAX gave no count), queued (not in time), or busy (answered at once: PARTICIPANTS_REFRESH_MAX_WAITERS were waiting)",
             ),
             &["outcome"],
         )
@@ -161,7 +161,7 @@ impl Metrics {
         for priority in ["lazy", "manual"] {
             refresh_enqueued.with_label_values(&[priority]);
         }
-        for outcome in ["updated", "queued"] {
+        for outcome in ["updated", "unavailable", "queued", "busy"] {
             refresh_waits.with_label_values(&[outcome]);
         }
         Self {

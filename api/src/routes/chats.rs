@@ -103,6 +103,29 @@ pub struct RefreshUpdated {
     pub source: &'static str,
 }
 
+/// The refresh finished in time and MAX would not give the chat's count: the bot was removed
+/// from it or left it, the chat is closed or gone, or its MAX id is unusable. The count served
+/// stays the last known one.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RefreshUnavailable {
+    /// Always `unavailable`
+    pub status: &'static str,
+    pub chat_id: i32,
+    /// What MAX answered: `not_found`, `forbidden`, `removed`, `left`, `closed`, or `invalid_id`
+    /// (the chat's MAX id is missing or not a number); a newer MAX status is passed on as is
+    pub reason: String,
+    /// When MAX was asked
+    pub checked_at: DateTime<Utc>,
+}
+
+/// A refresh that finished within the wait.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum RefreshDone {
+    Updated(RefreshUpdated),
+    Unavailable(RefreshUnavailable),
+}
+
 /// The refresh is enqueued and will finish after the response.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RefreshQueued {
@@ -117,7 +140,7 @@ pub struct RefreshQueued {
     params(("id" = i64, Path, description = "chats.id (not the MAX chat id)")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Refreshed in time", body = RefreshUpdated),
+        (status = 200, description = "Refreshed in time: the new count, or (`status: unavailable`) why MAX gave none", body = inline(RefreshDone)),
         (status = 202, description = "Enqueued; not finished in time", body = RefreshQueued),
         (status = 400, description = "The id is not an integer", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
@@ -171,7 +194,21 @@ pub async fn refresh_participants(
             match outcomes.recv().await {
                 Ok(outcome) if outcome.chat_id == chat.id => {
                     if let Some(count) = outcome.participants_count {
-                        return Some((count, outcome.updated_at));
+                        return Some(RefreshDone::Updated(RefreshUpdated {
+                            status: "updated",
+                            chat_id: chat.id,
+                            participants_count: count,
+                            updated_at: outcome.updated_at,
+                            source: "api",
+                        }));
+                    }
+                    if let Some(reason) = outcome.error {
+                        return Some(RefreshDone::Unavailable(RefreshUnavailable {
+                            status: "unavailable",
+                            chat_id: chat.id,
+                            reason,
+                            checked_at: outcome.updated_at,
+                        }));
                     }
                 }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -193,16 +230,13 @@ pub async fn refresh_participants(
             .into_response());
     };
     match tokio::time::timeout(state.settings.refresh_wait, wait).await {
-        Ok(Some((participants_count, updated_at))) => {
-            metrics.with_label_values(&["updated"]).inc();
-            Ok(Json(RefreshUpdated {
-                status: "updated",
-                chat_id: chat.id,
-                participants_count,
-                updated_at,
-                source: "api",
-            })
-            .into_response())
+        Ok(Some(done)) => {
+            let outcome = match &done {
+                RefreshDone::Updated(_) => "updated",
+                RefreshDone::Unavailable(_) => "unavailable",
+            };
+            metrics.with_label_values(&[outcome]).inc();
+            Ok(Json(done).into_response())
         }
         _ => {
             metrics.with_label_values(&["queued"]).inc();
