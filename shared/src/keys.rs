@@ -64,6 +64,10 @@ pub const LIMITER_PAUSE: &str = "{participants:limiter}:pause";
 /// Present while some replica has lazy or manual refreshes waiting: sweeps yield to them.
 pub const LIMITER_URGENT: &str = "{participants:limiter}:urgent";
 
+/// Present while some replica has manual refreshes waiting: lazy refreshes and sweeps yield to
+/// them, so a person's refresh-and-wait is not queued behind a lazy backlog.
+pub const LIMITER_MANUAL: &str = "{participants:limiter}:manual";
+
 /// Set by the api's `POST /admin/participants/full-update`; the first syncd replica to take it
 /// (GETDEL) records a full sweep in Postgres, which the fleet then runs once.
 pub const FULL_SWEEP_REQUEST: &str = "participants:sweep:full-requested";

@@ -298,6 +298,18 @@ pub struct SweepArgs {
     #[arg(long)]
     pub stale: bool,
 
+    /// Run as the schedule's trigger (the CronJob): take the schedule's current slot, which is
+    /// swept once whoever starts it (resumed by a retried pod, skipped when already swept).
+    /// Without it (by hand) a sweep starts now, or the one already running is followed
+    #[arg(long)]
+    pub scheduled: bool,
+
+    /// The Kubernetes Job this pod runs for (the CronJob sets it from the pod's `job-name`
+    /// label). A CronJob's own Jobs are named `<cronjob>-<minutes since 1970>`; one made by
+    /// hand (`kubectl create job --from=cronjob/...`) is not, and sweeps as if by hand
+    #[arg(long, env = "SYNCD_JOB_NAME")]
+    pub job_name: Option<String>,
+
     #[command(flatten)]
     pub schedule: ScheduleArgs,
 }

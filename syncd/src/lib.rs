@@ -11,17 +11,16 @@ use tokio_util::task::TaskTracker;
 
 pub mod call_policy;
 pub mod config;
-pub mod consumer;
 pub mod http;
 pub mod limiter;
 pub mod max;
 pub mod metrics;
-pub mod plan;
 pub mod refresher;
 pub mod report;
 pub mod schedule;
 pub mod status;
 pub mod store;
+pub mod stream;
 pub mod sweep;
 
 use crate::config::{RefreshArgs, RunArgs, SweepArgs, SyncArgs};
@@ -92,11 +91,16 @@ pub async fn run(
         .consumer_name
         .clone()
         .unwrap_or_else(default_consumer_name);
-    let reader = shared::redis::connect(&shared::config::RedisArgs {
-        // Blocking reads wait up to a second on the server; give them room beyond that.
+    // Blocking reads wait up to a second on the server; give them room beyond that. One
+    // connection per lane, so that neither lane's blocking read holds the other up.
+    let reader_args = shared::config::RedisArgs {
         redis_timeout: args.sync.redis.redis_timeout + Duration::from_secs(2),
         ..args.sync.redis.clone()
-    })?;
+    };
+    let lanes = stream::Lane::both(
+        shared::redis::connect(&reader_args)?,
+        shared::redis::connect(&reader_args)?,
+    );
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
@@ -137,9 +141,8 @@ pub async fn run(
         parts.refresher.token().clone(),
         cancel.clone(),
     ));
-    let consumer = consumer::Consumer {
+    let consumer = stream::Consumer {
         name: name.clone(),
-        reader,
         redis: parts.redis.clone(),
         db: parts.db.clone(),
         refresher: parts.refresher.clone(),
@@ -148,9 +151,10 @@ pub async fn run(
         max_deliveries: args.max_deliveries,
         due_age: args.sync.freshness.due_age(),
         inactive_recheck: args.sync.participants_inactive_recheck,
+        cache_ttl: args.sync.freshness.participants_cache_ttl,
         liveness,
     };
-    tracker.spawn(consumer.run(cancel.clone()));
+    tracker.spawn(consumer.run(lanes, cancel.clone()));
     let sweeper = Sweeper {
         db: parts.db.clone(),
         redis: parts.redis.clone(),
@@ -169,7 +173,10 @@ pub async fn run(
         background_sync = args.participants_enable_background_sync, "syncd running");
 
     shutdown.await;
-    tracing::info!("stopping: no new work is taken");
+    tracing::info!("stopping: no new work is taken, and no new MAX call or retry starts");
+    // Calls in flight finish (within the MAX timeout) and their results are written; what was
+    // not asked stays pending for another replica, and sweeps are handed back.
+    parts.refresher.stop();
     cancel.cancel();
     if tokio::time::timeout(args.shutdown_grace, tracker.wait())
         .await
@@ -177,12 +184,11 @@ pub async fn run(
     {
         tracing::warn!(
             grace_s = args.shutdown_grace.as_secs(),
-            "in-flight work outlasted the grace period; handing it back"
+            "in-flight work outlasted the grace period; what it held stays pending for another replica"
         );
-        parts.refresher.stop();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
-    parts.db.close().await;
+    // Closing waits for connections in use; a dead Postgres must not hold the exit.
+    let _ = tokio::time::timeout(Duration::from_millis(500), parts.db.close()).await;
     tracing::info!("syncd stopped");
     Ok(())
 }
@@ -233,7 +239,14 @@ pub async fn sweep_once(
             cancel.cancel();
         })
     };
-    let summary = sweeper.run_command(kind, &progress, &cancel).await;
+    let start = sweep::Start::of(args.scheduled, args.job_name.as_deref(), chrono::Utc::now());
+    if args.scheduled && start == sweep::Start::ByHand {
+        tracing::info!(
+            job = args.job_name.as_deref().unwrap_or("-"),
+            "this Job was not made by the CronJob's schedule (made by hand from it): sweeping now"
+        );
+    }
+    let summary = sweeper.run_command(kind, start, &progress, &cancel).await;
     if let Progress::Bar(bar) = &progress {
         bar.finish();
     }
@@ -263,7 +276,7 @@ pub async fn refresh_once(args: RefreshArgs) -> anyhow::Result<Vec<String>> {
         .collect();
     let outcomes = parts
         .refresher
-        .refresh(targets, Urgency::Urgent, None)
+        .refresh(targets, Urgency::Manual, None)
         .await?;
     for (chat_id, outcome) in outcomes {
         let max_id = max_ids.get(&chat_id).cloned().unwrap_or_default();

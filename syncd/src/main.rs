@@ -52,17 +52,7 @@ fn main() -> ExitCode {
             }
             Command::Sweep(args) => {
                 let summary = syncd::sweep_once(*args, shared::shutdown::signal()).await?;
-                println!(
-                    "sweep {}: {} of {} chats, {} failed",
-                    if summary.finished {
-                        "finished"
-                    } else {
-                        "interrupted (it resumes in a running syncd)"
-                    },
-                    summary.done,
-                    summary.planned,
-                    summary.failed
-                );
+                println!("{}", describe_sweep(&summary));
                 Ok(())
             }
             Command::Refresh(args) => {
@@ -85,5 +75,24 @@ fn main() -> ExitCode {
             eprintln!("syncd: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The line `syncd sweep` ends with: what ran, and who ran it.
+fn describe_sweep(summary: &syncd::sweep::Summary) -> String {
+    use syncd::sweep::How;
+    let counts = format!(
+        "{} of {} chats, {} failed",
+        summary.done, summary.planned, summary.failed
+    );
+    match summary.how {
+        How::AlreadySwept { slot, finished_at } => format!(
+            "nothing swept: this schedule slot was already swept (the sweep of {slot}, finished {}: {counts}); run without --scheduled to sweep now",
+            finished_at.map_or_else(|| "-".to_owned(), |at| at.to_rfc3339())
+        ),
+        How::Followed if summary.finished => format!("sweep finished (run by another process, followed here): {counts}"),
+        How::Followed => format!("sweep still running in another process: {counts}"),
+        How::Ran if summary.finished => format!("sweep finished: {counts}"),
+        How::Ran => format!("sweep interrupted (it resumes in a running syncd): {counts}"),
     }
 }

@@ -40,9 +40,12 @@ pub enum MaxError {
     /// 403 or 404 for this chat: mark it and skip it until the recheck period passes.
     #[error("chat unavailable to the bot: {0}")]
     ChatUnavailable(&'static str),
-    /// Anything else (400, an unparsable body): a bug on one side; not retried.
-    #[error("unexpected MAX answer: {0}")]
-    Unexpected(String),
+    /// An answer that is not the chat asked for: a 400 or another 4xx, a body that is not a
+    /// chat (an HTML page of a proxy or a captive portal, bad JSON, no `participants_count`,
+    /// another chat's id, a negative count), or one over `MAX_BODY_BYTES`. Not retried; a
+    /// failure of the chat, and of the setup when every chat gets it.
+    #[error("unexpected MAX answer ({kind}): {detail}")]
+    Unexpected { kind: &'static str, detail: String },
 }
 
 impl MaxError {
@@ -53,7 +56,7 @@ impl MaxError {
             MaxError::Transient(kind) => kind,
             MaxError::InvalidToken => "invalid_token",
             MaxError::ChatUnavailable(kind) => kind,
-            MaxError::Unexpected(_) => "unexpected",
+            MaxError::Unexpected { kind, .. } => kind,
         }
     }
 }
@@ -87,7 +90,8 @@ impl MaxClient {
         })
     }
 
-    /// `GET /chats/{chatId}` with the raw token in `Authorization`.
+    /// `GET /chats/{chatId}` with the raw token in `Authorization`. A success is a chat only when
+    /// its body parses, names the chat asked for and has a count of at least 0.
     pub async fn get_chat(&self, chat_id: MaxChatId) -> Result<MaxChat, MaxError> {
         let mut request = self
             .http
@@ -96,30 +100,73 @@ impl MaxClient {
         if let Some(traceparent) = shared::telemetry::current_traceparent() {
             request = request.header("traceparent", traceparent);
         }
-        let response = request.send().await.map_err(|e| {
-            if e.is_timeout() {
-                MaxError::Transient("timeout")
-            } else {
-                MaxError::Transient("connection")
-            }
-        })?;
+        let mut response = request.send().await.map_err(|e| transport_error(&e))?;
         let status = response.status();
+        let body = read_capped(&mut response).await?;
         if status.is_success() {
-            return response.json::<MaxChat>().await.map_err(|e| {
-                if e.is_timeout() {
-                    MaxError::Transient("timeout")
-                } else {
-                    MaxError::Unexpected(format!("unreadable chat body: {e}"))
-                }
-            });
+            return parse_chat(chat_id, &body);
         }
-        let code = response
-            .json::<ErrorBody>()
-            .await
+        let code = serde_json::from_slice::<ErrorBody>(&body)
             .map(|body| body.code)
             .unwrap_or_default();
         Err(classify(status, &code))
     }
+}
+
+/// The most of a body that is read: a chat's JSON is a few kilobytes (without `participants`,
+/// which is not relied on, it is under one); a larger body is not read whole.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+fn transport_error(error: &reqwest::Error) -> MaxError {
+    if error.is_timeout() {
+        MaxError::Transient("timeout")
+    } else {
+        MaxError::Transient("connection")
+    }
+}
+
+/// Reads the body up to `MAX_BODY_BYTES`, chunk by chunk.
+async fn read_capped(response: &mut reqwest::Response) -> Result<Vec<u8>, MaxError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(MaxError::Unexpected {
+                kind: "body_too_large",
+                detail: format!("answer body over {MAX_BODY_BYTES} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A 2xx body as the chat asked for, or why it is not one (with the first bytes of the body,
+/// which tell a proxy's page from a changed schema).
+pub fn parse_chat(asked: MaxChatId, body: &[u8]) -> Result<MaxChat, MaxError> {
+    let not_a_chat = |why: String| MaxError::Unexpected {
+        kind: "not_a_chat",
+        detail: format!("{why}; body starts {:?}", excerpt(body)),
+    };
+    let chat: MaxChat =
+        serde_json::from_slice(body).map_err(|e| not_a_chat(format!("not a chat: {e}")))?;
+    if chat.chat_id != asked.get() {
+        return Err(not_a_chat(format!(
+            "answer is for chat {}, asked for {asked}",
+            chat.chat_id
+        )));
+    }
+    if chat.participants_count < 0 {
+        return Err(not_a_chat(format!(
+            "negative participants_count {}",
+            chat.participants_count
+        )));
+    }
+    Ok(chat)
+}
+
+/// Up to 120 characters of a body, for a log line.
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned()
 }
 
 /// Sorts a non-2xx answer. An invalid token has been seen as 401 and as 403 `verify.token`.
@@ -131,7 +178,10 @@ pub fn classify(status: StatusCode, code: &str) -> MaxError {
         StatusCode::FORBIDDEN => MaxError::ChatUnavailable("forbidden"),
         StatusCode::NOT_FOUND => MaxError::ChatUnavailable("not_found"),
         status if status.is_server_error() => MaxError::Transient("server_error"),
-        status => MaxError::Unexpected(format!("HTTP {} {code}", status.as_u16())),
+        status => MaxError::Unexpected {
+            kind: "bad_request",
+            detail: format!("HTTP {} {code}", status.as_u16()),
+        },
     }
 }
 
@@ -167,8 +217,31 @@ mod tests {
         ));
         assert!(matches!(
             classify(StatusCode::BAD_REQUEST, "proto.payload"),
-            MaxError::Unexpected(_)
+            MaxError::Unexpected { .. }
         ));
+    }
+
+    #[test]
+    fn a_body_that_is_not_the_chat_asked_for_is_unexpected() {
+        let asked = MaxChatId::parse("-70000000000005").unwrap();
+        let kind = |body: &str| match parse_chat(asked, body.as_bytes()) {
+            Err(MaxError::Unexpected { kind, detail }) => Some((kind, detail)),
+            _ => None,
+        };
+        let (kind_html, detail) = kind("<html><body>Please log in</body></html>").unwrap();
+        assert_eq!(kind_html, "not_a_chat");
+        assert!(detail.contains("<html>"), "{detail}");
+        assert!(kind(r#"{"chat_id":-70000000000005,"status":"active"}"#).is_some());
+        assert!(kind(r#"{"chat_id":-1,"status":"active","participants_count":3}"#).is_some());
+        assert!(
+            kind(r#"{"chat_id":-70000000000005,"status":"active","participants_count":-3}"#)
+                .is_some()
+        );
+        assert!(parse_chat(
+            asked,
+            br#"{"chat_id":-70000000000005,"status":"active","participants_count":0}"#
+        )
+        .is_ok());
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub stream_pending: IntGaugeVec,
     pub stream_lag: IntGaugeVec,
     pub dead_letters: IntGauge,
+    /// Entries dead-lettered, by reason (`malformed`, `chat_failures`).
+    pub dead_lettered: IntCounterVec,
     /// 1 while this replica's circuit breaker holds MAX calls back.
     pub max_breaker_open: IntGauge,
     /// The consumer group was missing (Redis restarted empty, or flushed) and was recreated.
@@ -121,6 +123,11 @@ impl Metrics {
                 &r,
                 IntGauge::new("participants_dead_letters", "Entries in the dead-letter stream").expect("valid metric"),
             ),
+            dead_lettered: counter_vec(
+                "participants_dead_lettered_total",
+                "Refresh entries dead-lettered, by reason (malformed, chat_failures)",
+                &["reason"],
+            ),
             sweep_done: gauge_vec("participants_sweep_done", "Chats done by the running or last sweep", &["kind"]),
             sweep_planned: gauge_vec("participants_sweep_planned", "Chats planned for the running or last sweep", &["kind"]),
             sweeps: counter_vec("participants_sweeps_total", "Sweeps run by this replica, by kind and result", &["kind", "result"]),
@@ -164,10 +171,15 @@ impl Metrics {
             "invalid_token",
             "forbidden",
             "not_found",
-            "unexpected",
+            "not_a_chat",
+            "bad_request",
+            "body_too_large",
             "systemic",
         ] {
             self.max_errors.with_label_values(&[kind]);
+        }
+        for reason in ["malformed", "chat_failures"] {
+            self.dead_lettered.with_label_values(&[reason]);
         }
         for outcome in ["acked", "retried", "dead_lettered"] {
             self.stream_entries.with_label_values(&[outcome]);

@@ -17,24 +17,43 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::call_policy::{CallPolicy, Event, Gate};
-use crate::limiter::{Limiter, Urgency};
+use crate::limiter::{Limiter, NoSlot, Urgency};
 use crate::max::{MaxChat, MaxClient, MaxError};
 use crate::metrics::Metrics;
 use crate::status::TokenState;
 use crate::store::{self, Failure, FreshCount, Target};
 
-/// A refresh with at least this many chats asked, or the latest `SYSTEMIC_WINDOW` answers,
-/// where this share was 403 or 404, is a fault of the setup, not of the chats: those chats are
-/// not marked unavailable, and calls stop as for an invalid token.
+/// A refresh with at least this many answers from chats known active, or the latest
+/// `SYSTEMIC_WINDOW` such answers, where this share was 403, 404 or not a chat, is a fault of
+/// the setup, not of the chats: those chats are not marked, and calls stop as for an invalid
+/// token. Answers of chats not known active (gone before, or never refreshed: a bot not yet
+/// added) are those chats' outcome and are never evidence against the setup.
 const SYSTEMIC_MIN_ASKED: usize = 10;
 const SYSTEMIC_SHARE: f64 = 0.8;
 const SYSTEMIC_WINDOW: usize = 50;
 /// How far back marks of forbidden/not found are undone when a systemic fault is seen.
 const SYSTEMIC_LOOKBACK: Duration = Duration::from_secs(120);
+/// Passing failures in a row, across chats, from which on a chat's failure is MAX's outage
+/// rather than the chat's: not recorded against the chat, never a reason to dead-letter.
+const OUTAGE_STREAK: u32 = 5;
+/// The most of a MAX answer's detail kept in `last_error`.
+const ERROR_DETAIL_CHARS: usize = 300;
 
 /// MAX would not show the chat: 403 or 404 (not a chat whose own status says it is gone).
 fn is_unavailable(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Gone { status, .. } if status.is_unavailable())
+}
+
+/// An answer that, from a chat known active, speaks against the setup: 403, 404, not a chat.
+fn is_bad_answer(outcome: &Outcome) -> bool {
+    is_unavailable(outcome)
+        || matches!(
+            outcome,
+            Outcome::Failed {
+                reason: Unsettled::Unusable { .. },
+                ..
+            }
+        )
 }
 
 /// What happened to one chat.
@@ -59,29 +78,39 @@ pub enum Outcome {
 /// Why a chat got neither a count nor a status of its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Unsettled {
-    /// A passing MAX failure (the error's kind) that outlasted the retries: the chat's own
-    /// failure, recorded, and tried again after its backoff.
+    /// A passing MAX failure (the error's kind) that outlasted the retries while MAX answered
+    /// other chats: the chat's own, recorded, and tried again after its backoff.
     Max(&'static str),
+    /// A passing failure while MAX fails for every chat (a streak of failures across chats, or
+    /// 429s): MAX's outage, not the chat's; nothing is recorded of the chat.
+    Outage(&'static str),
+    /// MAX answered something that is not this chat (see `MaxError::Unexpected`): the chat's
+    /// own failure while MAX gives other chats.
+    Unusable { kind: &'static str, detail: String },
+    /// Not asked: Redis, which holds the fleet's rate limit, could not be reached.
+    LimiterUnavailable,
     /// Not asked: the caller stopped the refresh (a sweep handing its work back).
     Stopped,
     /// Not asked: this process is shutting down.
     ShuttingDown,
-    /// Asked, but MAX answered this for nearly every chat: a fault of the setup, not the
-    /// chat's, so nothing is recorded of the chat.
-    Systemic(SyncStatus),
+    /// Asked, but MAX answered this (403/404's status, or `not_a_chat`) for nearly every chat
+    /// known active: a fault of the setup, not the chat's, so nothing is recorded of the chat.
+    Systemic(String),
 }
 
 impl Unsettled {
     /// The chat's own failure, recorded against it (the others are not the chat's fault).
-    fn is_the_chats(&self) -> bool {
-        matches!(self, Unsettled::Max(_))
+    pub fn is_the_chats(&self) -> bool {
+        matches!(self, Unsettled::Max(_) | Unsettled::Unusable { .. })
     }
 }
 
 impl std::fmt::Display for Unsettled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Unsettled::Max(kind) => f.write_str(kind),
+            Unsettled::Max(kind) | Unsettled::Outage(kind) => f.write_str(kind),
+            Unsettled::Unusable { kind, detail } => write!(f, "{kind}: {detail}"),
+            Unsettled::LimiterUnavailable => f.write_str("limiter_unavailable"),
             Unsettled::Stopped => f.write_str("stopped"),
             Unsettled::ShuttingDown => f.write_str("shutting_down"),
             Unsettled::Systemic(status) => write!(f, "systemic_{status}"),
@@ -97,14 +126,20 @@ impl Outcome {
             Outcome::Fresh { .. } => true,
             Outcome::Gone { status, .. } => *status != SyncStatus::InvalidId,
             Outcome::Failed { reason, .. } => {
-                matches!(reason, Unsettled::Max(_) | Unsettled::Systemic(_))
+                matches!(
+                    reason,
+                    Unsettled::Max(_)
+                        | Unsettled::Outage(_)
+                        | Unsettled::Unusable { .. }
+                        | Unsettled::Systemic(_)
+                )
             }
             Outcome::TokenInvalid => false,
         }
     }
 
-    /// Whether calls stopped: the token was rejected, or MAX answered 403/404 for nearly every
-    /// chat (a fault of the setup).
+    /// Whether calls stopped: the token was rejected, or MAX answered 403/404 or not a chat for
+    /// nearly every chat known active (a fault of the setup).
     pub fn stopped_calls(&self) -> bool {
         matches!(
             self,
@@ -120,12 +155,62 @@ impl Outcome {
     pub fn is_settled(&self) -> bool {
         matches!(self, Outcome::Fresh { .. } | Outcome::Gone { .. })
     }
+
+    fn asked_at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Outcome::Fresh { asked_at, .. }
+            | Outcome::Gone { asked_at, .. }
+            | Outcome::Failed { asked_at, .. } => Some(*asked_at),
+            Outcome::TokenInvalid => None,
+        }
+    }
+}
+
+/// The answers of one refresh from chats known active (the only evidence against the setup).
+#[derive(Default)]
+struct Evidence {
+    asked: usize,
+    bad: usize,
+    /// Of the bad answers, how many were not a chat (the rest 403/404).
+    unusable: usize,
+}
+
+impl Evidence {
+    fn note(&mut self, chunk: &[(i32, Outcome, bool)]) {
+        for (_, outcome, known_active) in chunk {
+            if !*known_active || !outcome.asked_max() {
+                continue;
+            }
+            self.asked += 1;
+            if is_bad_answer(outcome) {
+                self.bad += 1;
+                if !is_unavailable(outcome) {
+                    self.unusable += 1;
+                }
+            }
+        }
+    }
+
+    fn is_systemic(&self) -> bool {
+        self.asked >= SYSTEMIC_MIN_ASKED && self.bad as f64 >= SYSTEMIC_SHARE * self.asked as f64
+    }
+
+    /// What the setup's fault looks like, for the log and `max_last_error`.
+    fn kind(&self) -> &'static str {
+        if self.unusable * 2 > self.bad {
+            "not_a_chat"
+        } else {
+            "forbidden_or_not_found"
+        }
+    }
 }
 
 /// Why `fetch` gave no chat.
 enum Fetch {
     /// The process is stopping; nothing was asked.
     ShuttingDown,
+    /// The fleet's rate limit could not be read (Redis down); nothing was asked.
+    LimiterUnavailable,
     /// The last error, and when the call that got it was made.
     Failed(MaxError, DateTime<Utc>),
 }
@@ -146,10 +231,18 @@ struct Inner {
     retries: u32,
     batch_size: usize,
     policy: CallPolicy,
-    stopping: AtomicBool,
-    /// The latest answers, true where MAX would not show the chat (403/404), across calls:
-    /// a wrong setup shows there even when each call asks about a chat or two.
+    /// Cancelled on shutdown: no MAX call or retry starts after it, and every wait ends.
+    stopping: CancellationToken,
+    /// The latest answers of chats known active, true where they spoke against the setup
+    /// (403/404, not a chat), across calls: a wrong setup shows there even when each call asks
+    /// about a chat or two.
     recent_answers: std::sync::Mutex<std::collections::VecDeque<bool>>,
+    /// Whether the latest answer was not a chat (a streak is logged once, at its start).
+    unusable_streak: AtomicBool,
+    /// Whether some chat ever gave a count. Until one has (a new deployment), no chat is known
+    /// active, and every chat's answers are evidence about the setup: a wrong MAX_API_URL on
+    /// the first day must not mark every chat gone for a week.
+    fleet_has_counts: AtomicBool,
 }
 
 /// Settings of a `Refresher`.
@@ -179,8 +272,10 @@ impl Refresher {
                 retries: parts.retries,
                 batch_size: parts.batch_size.max(1),
                 policy: CallPolicy::default(),
-                stopping: AtomicBool::new(false),
+                stopping: CancellationToken::new(),
                 recent_answers: std::sync::Mutex::new(std::collections::VecDeque::new()),
+                unusable_streak: AtomicBool::new(false),
+                fleet_has_counts: AtomicBool::new(false),
             }),
         }
     }
@@ -193,9 +288,10 @@ impl Refresher {
         &self.inner.token
     }
 
-    /// Stops starting MAX calls (shutdown); calls in flight finish.
+    /// Stops starting MAX calls and retries (shutdown) and ends every wait for one; calls in
+    /// flight finish.
     pub fn stop(&self) {
-        self.inner.stopping.store(true, Ordering::Relaxed);
+        self.inner.stopping.cancel();
     }
 
     /// Refreshes `targets`: up to `batch_size` MAX calls in flight, results written to Redis and
@@ -211,6 +307,7 @@ impl Refresher {
         stop: Option<&CancellationToken>,
     ) -> anyhow::Result<Vec<(i32, Outcome)>> {
         let inner = &self.inner;
+        let everyone_is_evidence = !self.fleet_has_counts().await;
         let mut results = Vec::with_capacity(targets.len());
         let mut calls = futures::stream::iter(targets)
             .map(|target| async move {
@@ -227,79 +324,98 @@ impl Refresher {
                     }
                     self.refresh_one(&target, urgency).instrument(span).await
                 };
-                (target.chat_id, outcome)
+                (target.chat_id, outcome, everyone_is_evidence || target.known_active())
             })
             .buffer_unordered(inner.batch_size)
             .ready_chunks(inner.batch_size);
         // Counts and passing failures are written as they come; "this chat is unavailable"
-        // waits for the end, when it is clear whether MAX said so of nearly every chat.
-        let mut unavailable = Vec::new();
+        // and "not a chat" wait for the end, when it is clear whether MAX said so of nearly
+        // every chat known active.
+        let mut held = Vec::new();
+        let mut evidence = Evidence::default();
         let mut stopped_here = false;
         while let Some(chunk) = calls.next().await {
-            self.note_answers(&chunk);
-            if let Some((affected, latest)) = self.recent_answers_systemic() {
+            evidence.note(&chunk);
+            if let Some((affected, latest)) = self.note_answers(&chunk) {
                 if self.inner.token.reported_valid() {
                     // Stop the calls now, not at the end of a page of hundreds.
                     self.inner
                         .token
-                        .record_systemic("forbidden_or_not_found", affected, latest);
+                        .record_systemic(evidence.kind(), affected, latest);
                     self.restore_recently_marked().await;
                 }
                 self.forget_answers();
                 stopped_here = true;
             }
-            let (gone, rest): (Vec<_>, Vec<_>) =
-                chunk.into_iter().partition(|(_, o)| is_unavailable(o));
+            let (bad, rest): (Vec<_>, Vec<_>) = chunk
+                .into_iter()
+                .map(|(chat_id, outcome, _)| (chat_id, outcome))
+                .partition(|(_, o)| is_bad_answer(o));
             self.write(&rest).await?;
             results.extend(rest);
-            unavailable.extend(gone);
+            held.extend(bad);
         }
-        let asked = results.iter().filter(|(_, o)| o.asked_max()).count() + unavailable.len();
-        let systemic = stopped_here
-            || (asked >= SYSTEMIC_MIN_ASKED
-                && unavailable.len() as f64 >= SYSTEMIC_SHARE * asked as f64)
-            || self.recent_answers_systemic().is_some();
-        if systemic && !unavailable.is_empty() {
-            let kind = match &unavailable[0].1 {
-                Outcome::Gone { status, .. } => status.clone(),
-                _ => SyncStatus::NotFound,
-            };
+        let systemic =
+            stopped_here || evidence.is_systemic() || self.recent_answers_systemic().is_some();
+        if systemic && !held.is_empty() {
+            let kind = evidence.kind();
             let was_running = self.inner.token.reported_valid();
             self.inner
                 .token
-                .record_systemic(kind.as_str(), unavailable.len(), asked);
+                .record_systemic(kind, evidence.bad, evidence.asked);
             self.forget_answers();
             if was_running {
                 self.restore_recently_marked().await;
             }
-            for (_, outcome) in &mut unavailable {
-                if let Outcome::Gone { status, asked_at } = outcome {
-                    *outcome = Outcome::Failed {
-                        reason: Unsettled::Systemic(status.clone()),
-                        asked_at: *asked_at,
-                    };
-                }
+            for (_, outcome) in &mut held {
+                let asked_at = outcome.asked_at().unwrap_or_else(Utc::now);
+                *outcome = Outcome::Failed {
+                    reason: Unsettled::Systemic(kind.to_owned()),
+                    asked_at,
+                };
             }
         } else {
-            self.write(&unavailable).await?;
+            self.write(&held).await?;
         }
-        results.extend(unavailable);
+        results.extend(held);
         Ok(results)
     }
 
-    /// Remembers the latest answers (see `Inner::recent_answers`).
-    fn note_answers(&self, chunk: &[(i32, Outcome)]) {
-        let mut recent = self
-            .inner
-            .recent_answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for (_, outcome) in chunk.iter().filter(|(_, o)| o.asked_max()) {
-            recent.push_back(is_unavailable(outcome));
-            if recent.len() > SYSTEMIC_WINDOW {
-                recent.pop_front();
+    /// Whether some chat ever gave a count (asked of Postgres until one has, then remembered).
+    async fn fleet_has_counts(&self) -> bool {
+        if self.inner.fleet_has_counts.load(Ordering::Relaxed) {
+            return true;
+        }
+        // Unknown (Postgres down) counts as yes: only known-active chats are evidence then.
+        let has = store::any_chat_has_a_count(&self.inner.db)
+            .await
+            .unwrap_or(true);
+        if has {
+            self.inner.fleet_has_counts.store(true, Ordering::Relaxed);
+        }
+        has
+    }
+
+    /// Remembers the latest answers of chats known active (see `Inner::recent_answers`);
+    /// returns how many of how many spoke against the setup when that is nearly all.
+    fn note_answers(&self, chunk: &[(i32, Outcome, bool)]) -> Option<(usize, usize)> {
+        {
+            let mut recent = self
+                .inner
+                .recent_answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (_, outcome, _) in chunk
+                .iter()
+                .filter(|(_, o, known_active)| *known_active && o.asked_max())
+            {
+                recent.push_back(is_bad_answer(outcome));
+                if recent.len() > SYSTEMIC_WINDOW {
+                    recent.pop_front();
+                }
             }
         }
+        self.recent_answers_systemic()
     }
 
     /// A systemic fault is seen only after some answers: chats marked forbidden or not found
@@ -328,8 +444,8 @@ impl Refresher {
             .clear();
     }
 
-    /// When nearly all of the latest answers, across calls, were 403/404: how many of how
-    /// many.
+    /// When nearly all of the latest answers of chats known active, across calls, spoke
+    /// against the setup: how many of how many.
     fn recent_answers_systemic(&self) -> Option<(usize, usize)> {
         let recent = self
             .inner
@@ -365,7 +481,11 @@ impl Refresher {
                 Outcome::Failed { reason, asked_at } => failures.push(Failure {
                     chat_id: *chat_id,
                     status: SyncStatus::Active,
-                    error: reason.to_string(),
+                    error: reason
+                        .to_string()
+                        .chars()
+                        .take(ERROR_DETAIL_CHARS)
+                        .collect(),
                     asked_at: *asked_at,
                 }),
                 Outcome::TokenInvalid => {}
@@ -419,20 +539,39 @@ impl Refresher {
                 reason: Unsettled::ShuttingDown,
                 asked_at: Utc::now(),
             },
+            Err(Fetch::LimiterUnavailable) => Outcome::Failed {
+                reason: Unsettled::LimiterUnavailable,
+                asked_at: Utc::now(),
+            },
             Err(Fetch::Failed(MaxError::ChatUnavailable(kind), asked_at)) => Outcome::Gone {
                 status: SyncStatus::from(kind),
                 asked_at,
             },
             Err(Fetch::Failed(MaxError::InvalidToken, _)) => Outcome::TokenInvalid,
-            Err(Fetch::Failed(error, asked_at)) => Outcome::Failed {
-                reason: Unsettled::Max(error.kind()),
-                asked_at,
-            },
+            Err(Fetch::Failed(MaxError::Unexpected { kind, detail }, asked_at)) => {
+                Outcome::Failed {
+                    reason: Unsettled::Unusable { kind, detail },
+                    asked_at,
+                }
+            }
+            Err(Fetch::Failed(error, asked_at)) => {
+                let outage = matches!(error, MaxError::RateLimited)
+                    || self.inner.policy.streak() >= OUTAGE_STREAK;
+                Outcome::Failed {
+                    reason: if outage {
+                        Unsettled::Outage(error.kind())
+                    } else {
+                        Unsettled::Max(error.kind())
+                    },
+                    asked_at,
+                }
+            }
         }
     }
 
     /// One chat from MAX, with retries. Returns the chat and the moment the successful call was
-    /// made (the write fence), or the last error and when it happened.
+    /// made on the fleet's clock (Redis', the write fence), or the last error and when it
+    /// happened. No call or retry starts once `stop` was called, and every wait ends then.
     async fn fetch(
         &self,
         chat_id: MaxChatId,
@@ -441,7 +580,7 @@ impl Refresher {
         let inner = &self.inner;
         let mut attempt = 0;
         loop {
-            if inner.stopping.load(Ordering::Relaxed) {
+            if inner.stopping.is_cancelled() {
                 return Err(Fetch::ShuttingDown);
             }
             // While the token is rejected, one call a minute (fleet member-wide) is let through
@@ -453,15 +592,22 @@ impl Refresher {
             match inner.policy.gate() {
                 Gate::Closed => {}
                 Gate::HalfOpened => self.log(Event::BreakerHalfOpen),
-                Gate::Open(wait) => tokio::time::sleep(wait).await,
+                Gate::Open(wait) => self.sleep(wait).await?,
             }
-            let waited = inner.limiter.acquire(urgency).await;
-            inner.metrics.limiter_wait.observe(waited.as_secs_f64());
+            let slot = match inner.limiter.acquire(urgency, &inner.stopping).await {
+                Ok(slot) => slot,
+                Err(NoSlot::Stopped) => return Err(Fetch::ShuttingDown),
+                Err(NoSlot::Unavailable) => return Err(Fetch::LimiterUnavailable),
+            };
+            inner
+                .metrics
+                .limiter_wait
+                .observe(slot.waited.as_secs_f64());
             // The token may have been rejected while this call waited for its slot.
             if !probing && !inner.token.reported_valid() {
                 return Err(Fetch::Failed(MaxError::InvalidToken, Utc::now()));
             }
-            let asked_at = Utc::now();
+            let asked_at = slot.at;
             let sent_at = tokio::time::Instant::now();
             let span = tracing::info_span!("max.get_chat", otel.kind = "client", max.chat_id = %chat_id, attempt);
             let result = inner.max.get_chat(chat_id).instrument(span).await;
@@ -475,6 +621,7 @@ impl Refresher {
                     if let Some(event) = inner.policy.on_success() {
                         self.log(event);
                     }
+                    self.end_unusable_streak();
                     inner.token.record_success();
                     return Ok((chat, asked_at));
                 }
@@ -490,59 +637,92 @@ impl Refresher {
                 .max_errors
                 .with_label_values(&[error.kind()])
                 .inc();
-            match &error {
-                MaxError::RateLimited => {
-                    // Every call of a batch in flight may come back 429 at once: one pause
-                    // answers them all.
-                    if let Some(event) = inner.policy.on_rate_limited(sent_at) {
-                        self.log(event);
-                        if let Event::Paused(pause) = event {
-                            inner.limiter.pause(pause).await;
-                        }
-                    }
-                }
-                MaxError::Transient(kind) => {
-                    if let Some(event) = inner.policy.on_transient() {
-                        if event == Event::StreakStarted {
-                            tracing::warn!(
-                                error = *kind,
-                                "MAX calls are failing; retrying with backoff"
-                            );
-                        } else {
-                            self.log(event);
-                        }
-                    }
-                }
-                MaxError::InvalidToken => {
-                    inner.token.record_invalid(&error);
-                    return Err(Fetch::Failed(error, asked_at));
-                }
-                MaxError::ChatUnavailable(_) => {
-                    // MAX answered: a streak of passing failures is over.
-                    if let Some(event) = inner.policy.on_success() {
-                        self.log(event);
-                    }
-                    inner.token.record_chat_unavailable();
-                    return Err(Fetch::Failed(error, asked_at));
-                }
-                MaxError::Unexpected(_) => {
-                    if let Some(event) = inner.policy.on_success() {
-                        self.log(event);
-                    }
-                    inner.token.record_success();
-                    return Err(Fetch::Failed(error, asked_at));
-                }
+            if !self.on_error(&error, sent_at) {
+                return Err(Fetch::Failed(error, asked_at));
             }
             inner.token.record_error(&error);
-            if attempt >= inner.retries {
+            if attempt >= inner.retries || inner.stopping.is_cancelled() {
                 return Err(Fetch::Failed(error, asked_at));
             }
             attempt += 1;
             if matches!(error, MaxError::Transient(_)) {
                 let ceiling = CallPolicy::retry_ceiling(attempt);
                 let jitter = rand::thread_rng().gen_range(0..=ceiling.as_millis() as u64);
-                tokio::time::sleep(Duration::from_millis(jitter)).await;
+                self.sleep(Duration::from_millis(jitter)).await?;
             }
+        }
+    }
+
+    /// Applies what an error means to the call policy and the token; true when the call may
+    /// be retried.
+    fn on_error(&self, error: &MaxError, sent_at: tokio::time::Instant) -> bool {
+        let inner = &self.inner;
+        match error {
+            MaxError::RateLimited => {
+                // Every call of a batch in flight may come back 429 at once: one pause
+                // answers them all.
+                if let Some(event) = inner.policy.on_rate_limited(sent_at) {
+                    self.log(event);
+                    if let Event::Paused(pause) = event {
+                        let limiter = self.clone();
+                        // Recorded in the background: the retry waits for the pause anyway.
+                        tokio::spawn(async move { limiter.inner.limiter.pause(pause).await });
+                    }
+                }
+                true
+            }
+            MaxError::Transient(kind) => {
+                if let Some(event) = inner.policy.on_transient() {
+                    if event == Event::StreakStarted {
+                        tracing::warn!(
+                            error = *kind,
+                            "MAX calls are failing; retrying with backoff"
+                        );
+                    } else {
+                        self.log(event);
+                    }
+                }
+                true
+            }
+            MaxError::InvalidToken => {
+                inner.token.record_invalid(error);
+                false
+            }
+            MaxError::ChatUnavailable(_) => {
+                // MAX answered: a streak of passing failures is over.
+                if let Some(event) = inner.policy.on_success() {
+                    self.log(event);
+                }
+                inner.token.record_chat_unavailable();
+                false
+            }
+            MaxError::Unexpected { kind, detail } => {
+                // Not a chat: never a success. Logged at the start of a streak, kept as the
+                // last error for `/health/detailed`; every chat getting it stops the calls.
+                if !inner.unusable_streak.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = *kind,
+                        detail = %detail,
+                        "MAX answered something that is not a chat; counted as a failure"
+                    );
+                }
+                inner.token.record_error(error);
+                false
+            }
+        }
+    }
+
+    fn end_unusable_streak(&self) {
+        if self.inner.unusable_streak.swap(false, Ordering::Relaxed) {
+            tracing::info!("MAX answers with chats again");
+        }
+    }
+
+    /// Sleeps, or ends at once with `ShuttingDown` when the process stops.
+    async fn sleep(&self, length: Duration) -> Result<(), Fetch> {
+        tokio::select! {
+            () = tokio::time::sleep(length) => Ok(()),
+            () = self.inner.stopping.cancelled() => Err(Fetch::ShuttingDown),
         }
     }
 
@@ -573,20 +753,20 @@ impl Refresher {
         }
     }
 
-    /// While the token is rejected: when a probe is due, one MAX call for some chat tells
-    /// whether the token works again (any answer but 401/403 `verify.token` means it does).
+    /// While calls are stopped (the token rejected, or a fault of the setup): when a probe is
+    /// due, one MAX call for a chat picked afresh among those that last gave a count tells
+    /// whether calls work again. Nothing is asked of Postgres until a probe is due.
     pub async fn probe_token(&self, db: &PgPool) {
-        let sample: Option<String> = sqlx::query_scalar(
-            // A chat that last gave a count, so that its answer says whether calls work.
-            "select c.max_chat_id from chats c left join chat_participants p on p.chat_id = c.id \
-             where c.max_chat_id ~ '^-?[0-9]+$' \
-             order by (p.sync_status = 'active' and p.participants_updated_at is not null) desc nulls last, \
-                      p.participants_updated_at desc nulls last, c.id limit 1",
-        )
-        .fetch_optional(db)
-        .await
-        .ok()
-        .flatten();
+        if !self.inner.token.probe_due() {
+            return;
+        }
+        let sample = match store::probe_chat(db).await {
+            Ok(sample) => sample,
+            Err(error) => {
+                tracing::debug!(error = %error, "no chat to probe MAX with yet");
+                return;
+            }
+        };
         let Some(max_id) = sample
             .as_deref()
             .and_then(|text| MaxChatId::parse(text).ok())
@@ -594,6 +774,6 @@ impl Refresher {
             return;
         };
         // `fetch` lets exactly one call through per recheck period.
-        let _ = self.fetch(max_id, Urgency::Urgent).await;
+        let _ = self.fetch(max_id, Urgency::Manual).await;
     }
 }

@@ -10,7 +10,7 @@ use shared::keys::{self, status};
 use shared::sweeps::SweepState;
 
 use crate::config::StatusArgs;
-use crate::consumer::{group_info, GroupInfo};
+use crate::stream::redis::{group_info, GroupInfo};
 
 /// Renders the status report.
 pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {

@@ -74,6 +74,12 @@ impl TokenState {
                 .is_ok()
     }
 
+    /// Whether a probe is due (calls stopped, and the recheck period passed); takes nothing.
+    pub fn probe_due(&self) -> bool {
+        !self.inner.valid.load(Ordering::Relaxed)
+            && Utc::now().timestamp_millis() >= self.inner.next_probe_ms.load(Ordering::Relaxed)
+    }
+
     /// Whether the token was valid at the last answer (for reporting; no probe).
     pub fn reported_valid(&self) -> bool {
         self.inner.valid.load(Ordering::Relaxed)
@@ -157,13 +163,20 @@ impl TokenState {
         was_valid
     }
 
+    /// Keeps `error` as the last one (`max_last_error` in `/health/detailed`): its kind, and
+    /// for an answer that is not a chat its detail too.
     pub fn record_error(&self, error: &MaxError) {
+        let text = match error {
+            MaxError::Unexpected { kind, detail } => {
+                format!("{kind}: {}", detail.chars().take(200).collect::<String>())
+            }
+            other => other.kind().to_owned(),
+        };
         *self
             .inner
             .last_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) =
-            Some((error.kind().to_owned(), Utc::now().timestamp_millis()));
+            .unwrap_or_else(|p| p.into_inner()) = Some((text, Utc::now().timestamp_millis()));
     }
 
     fn fields(&self) -> Vec<(String, String)> {

@@ -17,12 +17,30 @@ pub struct Target {
     pub checked_at: Option<DateTime<Utc>>,
     /// Failed answers in a row (0 after a count).
     pub consecutive_failures: i32,
+    /// Why the last answer gave no count (`None` after a count).
+    pub last_error: Option<String>,
     /// The trace of the request that asked for this refresh, if any (not a column).
     #[sqlx(skip)]
     pub traceparent: Option<String>,
 }
 
 impl Target {
+    /// Whether the chat last gave a count: its answers are evidence about the setup (a chat
+    /// gone before, or never refreshed, is not).
+    pub fn known_active(&self) -> bool {
+        self.sync_status == Some(SyncStatus::Active) && self.participants_updated_at.is_some()
+    }
+
+    /// Failures in a row that are the chat's own. Only those are recorded: outages (of
+    /// Postgres, Redis, or MAX for every chat) and faults of the setup never are.
+    pub fn own_failures(&self) -> i32 {
+        if self.sync_status == Some(SyncStatus::Active) {
+            self.consecutive_failures
+        } else {
+            0
+        }
+    }
+
     /// False for a chat MAX said the bot cannot see, until `recheck_before` has passed.
     pub fn is_due(&self, recheck_before: DateTime<Utc>) -> bool {
         match &self.sync_status {
@@ -56,7 +74,7 @@ const FAILURE_BACKOFF_SQL: &str = "(p.checked_at + least(interval '60 seconds' \
 
 const TARGET_COLUMNS: &str = "c.id as chat_id, c.max_chat_id, p.participants_count, \
      p.participants_updated_at, p.sync_status, p.checked_at, \
-     coalesce(p.consecutive_failures, 0) as consecutive_failures";
+     coalesce(p.consecutive_failures, 0) as consecutive_failures, p.last_error";
 
 pub async fn targets_by_id(pool: &PgPool, ids: &[i32]) -> Result<Vec<Target>, sqlx::Error> {
     sqlx::query_as(&format!(
@@ -66,6 +84,48 @@ pub async fn targets_by_id(pool: &PgPool, ids: &[i32]) -> Result<Vec<Target>, sq
     .bind(ids)
     .fetch_all(pool)
     .await
+}
+
+/// Whether any chat ever gave a count (a new deployment has none yet).
+pub async fn any_chat_has_a_count(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "select exists (select 1 from chat_participants \
+         where sync_status = 'active' and participants_updated_at is not null)",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// A chat to probe MAX with while calls are stopped: one that last gave a count, picked at
+/// random each time (so that one chat gone since cannot keep calls stopped), by a random start
+/// on the primary key rather than a scan of the table.
+pub async fn probe_chat(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
+    let pick = "select c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
+         where p.chat_id >= $1 and p.sync_status = 'active' \
+           and p.participants_updated_at is not null and c.max_chat_id ~ '^-?[0-9]+$' \
+         order by p.chat_id limit 1";
+    let bounds: (Option<i32>, Option<i32>) =
+        sqlx::query_as("select min(chat_id), max(chat_id) from chat_participants")
+            .fetch_one(pool)
+            .await?;
+    let (Some(low), Some(high)) = bounds else {
+        return Ok(None);
+    };
+    let span = (i64::from(high) - i64::from(low) + 1).max(1);
+    let from = (i64::from(low) + i64::from(rand::random::<u32>()) % span) as i32;
+    let found: Option<String> = sqlx::query_scalar(pick)
+        .bind(from)
+        .fetch_optional(pool)
+        .await?;
+    match found {
+        Some(found) => Ok(Some(found)),
+        None => {
+            sqlx::query_scalar(pick)
+                .bind(low)
+                .fetch_optional(pool)
+                .await
+        }
+    }
 }
 
 /// The next page of a full sweep, in id order after `after_id`.
@@ -84,10 +144,13 @@ pub async fn targets_after(
     .await
 }
 
-/// The chats most in need of a refresh: never refreshed first, then by age weighted by how
-/// often people read them (an hour-old count of a chat read 20 times outranks a two-hour-old
-/// one nobody reads). Chats MAX said are gone wait for their recheck; chats whose answers keep
-/// failing wait out their backoff.
+/// The chats most in need of a refresh, in two kinds interleaved, so that neither fills a page
+/// alone: counts gone stale, by age weighted by how often people read them (an hour-old count
+/// of a chat read 20 times outranks a two-hour-old one nobody reads), skipping chats whose
+/// answers keep failing until their backoff ends; and chats without a count of their own yet
+/// (new, perhaps not yet joined by the bot) or that MAX said are gone and are due for their
+/// recheck. The second kind's answers are their own outcome, so a page of them never stops the
+/// fleet; interleaving keeps both moving when many come due together.
 pub async fn stale_targets(
     pool: &PgPool,
     now: DateTime<Utc>,
@@ -95,25 +158,53 @@ pub async fn stale_targets(
     recheck_before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<Target>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "select {TARGET_COLUMNS} from chats c left join chat_participants p on p.chat_id = c.id \
+    let stale: Vec<Target> = sqlx::query_as(&format!(
+        "select {TARGET_COLUMNS} from chats c join chat_participants p on p.chat_id = c.id \
          where c.max_chat_id is not null \
-           and (p.chat_id is null \
-                or (p.sync_status = 'active' and (p.participants_updated_at is null or p.participants_updated_at < $2) \
-                    and (p.consecutive_failures = 0 or p.checked_at is null or {FAILURE_BACKOFF_SQL} < $1)) \
-                or (p.sync_status <> 'active' and (p.checked_at is null or p.checked_at < $3))) \
-         order by p.participants_updated_at is not null, \
-                  extract(epoch from ($1 - coalesce(p.participants_updated_at, $1))) \
-                      * (1 + ln(1 + greatest(coalesce(p.read_count, 0), 0))) desc, \
-                  c.id \
-         limit $4"
+           and p.sync_status = 'active' and p.participants_updated_at < $2 \
+           and (p.consecutive_failures = 0 or p.checked_at is null or {FAILURE_BACKOFF_SQL} < $1) \
+         order by extract(epoch from ($1 - p.participants_updated_at)) \
+                      * (1 + ln(1 + greatest(coalesce(p.read_count, 0), 0))) desc, c.id \
+         limit $3"
     ))
     .bind(now)
     .bind(stale_before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let unknown: Vec<Target> = sqlx::query_as(&format!(
+        "select {TARGET_COLUMNS} from chats c left join chat_participants p on p.chat_id = c.id \
+         where c.max_chat_id is not null \
+           and (p.chat_id is null \
+                or (p.sync_status = 'active' and p.participants_updated_at is null \
+                    and (p.consecutive_failures = 0 or p.checked_at is null or {FAILURE_BACKOFF_SQL} < $1)) \
+                or (p.sync_status <> 'active' and (p.checked_at is null or p.checked_at < $2))) \
+         order by p.checked_at nulls first, c.id \
+         limit $3"
+    ))
+    .bind(now)
     .bind(recheck_before)
     .bind(limit)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(interleave(stale, unknown, limit.max(0) as usize))
+}
+
+/// Merges two ordered lists evenly by their lengths (each keeps its order), up to `limit`.
+pub fn interleave<T>(a: Vec<T>, b: Vec<T>, limit: usize) -> Vec<T> {
+    let (len_a, len_b) = (a.len().max(1) as f64, b.len().max(1) as f64);
+    let mut keyed: Vec<(f64, usize, T)> = a
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| ((i as f64 + 0.5) / len_a, 0, t))
+        .chain(
+            b.into_iter()
+                .enumerate()
+                .map(|(i, t)| ((i as f64 + 0.5) / len_b, 1, t)),
+        )
+        .collect();
+    keyed.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+    keyed.into_iter().take(limit).map(|(_, _, t)| t).collect()
 }
 
 /// How many chats with a MAX id have a count older than `stale_before` or none.
@@ -271,6 +362,32 @@ pub async fn record_reads(pool: &PgPool, reads: &[(i32, i32)]) -> Result<(), sql
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Halves every chat's read weight (after each full sweep): the weights follow what people
+/// read now, with a half-life of a full-sweep period, instead of growing forever.
+pub async fn decay_reads(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query(
+            "update chat_participants set read_count = read_count / 2 where read_count > 0",
+        )
+        .execute(pool)
+        .await?
+        .rows_affected(),
+    )
+}
+
+/// Deletes finished sweeps older than `keep`, except each kind's newest (which the schedules
+/// read to find missed slots). Returns how many.
+pub async fn prune_sweeps(pool: &PgPool, keep: std::time::Duration) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "delete from sync_sweeps s where finished_at < now() - make_interval(secs => $1) \
+         and slot < (select max(slot) from sync_sweeps n where n.kind = s.kind)",
+    )
+    .bind(keep.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// One sweep's row, as its owner works on it.
@@ -483,4 +600,23 @@ pub async fn release_sweep(pool: &PgPool, sweep: &Sweep, owner: &str) -> Result<
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_lists_interleave_evenly_and_keep_their_orders() {
+        let merged = interleave(vec![1, 2, 3, 4], vec![10, 20], 10);
+        assert_eq!(merged, [1, 10, 2, 3, 20, 4]);
+        assert_eq!(interleave(vec![1, 2], Vec::new(), 10), [1, 2]);
+        assert_eq!(interleave(Vec::new(), vec![10, 20], 1), [10]);
+        let page = interleave((0..100).collect(), (100..200).collect(), 50);
+        assert_eq!(
+            page.iter().filter(|n| **n >= 100).count(),
+            25,
+            "half of each"
+        );
+    }
 }

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use indicatif::ProgressBar;
 use shared::sweeps::{self, StartedBy, SweepKind, SweepRecord, SweepState};
 use sqlx::PgPool;
@@ -33,6 +33,8 @@ pub const LEASE: Duration = Duration::from_secs(120);
 const STALE_BUDGET_SHARE: f64 = 0.8;
 /// The interval a stale sweep budgets for when its schedule is off (`syncd sweep --stale`).
 const STALE_PERIOD_UNSCHEDULED: Duration = Duration::from_secs(900);
+/// How long finished sweeps stay in `sync_sweeps` (`GET /admin/participants/sweeps` reads them).
+const SWEEPS_KEPT: Duration = Duration::from_secs(30 * 86_400);
 /// How often a replica looks for sweeps to take over (asked for, or orphaned).
 const REQUESTS_EVERY: Duration = Duration::from_secs(2);
 
@@ -63,15 +65,63 @@ pub struct Summary {
     pub done: i64,
     pub failed: i64,
     pub finished: bool,
+    pub how: How,
+}
+
+/// Who swept: this process, another one this process followed, or nobody now (the scheduled
+/// slot had been swept before).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    #[default]
+    Ran,
+    Followed,
+    /// The slot was swept before; nothing ran. The sweep that served it and when it ended.
+    AlreadySwept {
+        slot: DateTime<Utc>,
+        finished_at: Option<DateTime<Utc>>,
+    },
 }
 
 impl Summary {
-    fn of(record: &SweepRecord) -> Self {
+    fn of(record: &SweepRecord, how: How) -> Self {
         Self {
             planned: record.planned.unwrap_or_default().into(),
             done: record.done.into(),
             failed: record.failed.into(),
             finished: record.finished_at.is_some(),
+            how,
+        }
+    }
+}
+
+/// How `syncd sweep` was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// As the schedule's trigger: the schedule's current slot, once.
+    Scheduled,
+    /// By a person: a sweep now, or the running one followed.
+    ByHand,
+}
+
+impl Start {
+    /// `--scheduled` in a Job the CronJob made on its schedule is the schedule's trigger; in a
+    /// Job made by hand from the CronJob (`kubectl create job --from=cronjob/...`, which copies
+    /// the arguments) it is not. The CronJob controller names its Jobs
+    /// `<cronjob>-<scheduled minute since 1970>`.
+    pub fn of(scheduled: bool, job_name: Option<&str>, now: DateTime<Utc>) -> Self {
+        if !scheduled {
+            return Start::ByHand;
+        }
+        let Some(name) = job_name.filter(|n| !n.is_empty()) else {
+            return Start::Scheduled;
+        };
+        let minute = name
+            .rsplit_once('-')
+            .and_then(|(_, minute)| minute.parse::<i64>().ok());
+        match minute {
+            // Within a day of now: a CronJob's Job, possibly started late or retried.
+            Some(minute) if (now.timestamp() / 60 - minute).abs() <= 24 * 60 => Start::Scheduled,
+            _ => Start::ByHand,
         }
     }
 }
@@ -269,16 +319,22 @@ impl Sweeper {
         Ok(())
     }
 
-    /// `syncd sweep`: takes the schedule's current slot of `kind` and runs it, or, when another
-    /// process runs that slot (or a sweep of the kind that covers it), waits for it to finish.
-    /// A slot already swept is not swept again.
+    /// `syncd sweep`. Scheduled: takes the schedule's current slot of `kind` and runs it (or
+    /// resumes it after a pod that stopped), follows the process that runs it, or reports that
+    /// it was swept before, without sweeping. By hand: sweeps now, or follows the sweep of the
+    /// kind already running. It never reports a sweep it did not run as its own.
     pub async fn run_command(
         &self,
         kind: SweepKind,
+        start: Start,
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> anyhow::Result<Summary> {
-        let slot = self.schedules.command_slot(kind, Utc::now());
+        let now = Utc::now();
+        let mut slot = match start {
+            Start::Scheduled => self.schedules.command_slot(kind, now),
+            Start::ByHand => now.with_nanosecond(0).unwrap_or(now),
+        };
         loop {
             let watched = match store::claim_slot(
                 &self.db,
@@ -291,24 +347,39 @@ impl Sweeper {
             .await?
             {
                 Claim::Claimed(sweep) => {
-                    tracing::info!(kind = kind.as_str(), %slot, "sweeping the slot");
+                    tracing::info!(kind = kind.as_str(), %slot, ?start, "sweeping");
                     return self.run(sweep, progress, cancel).await;
                 }
                 Claim::Taken(record) if record.finished_at.is_some() => {
                     let served = record.covered_by.unwrap_or(record.slot);
-                    tracing::info!(kind = kind.as_str(), %slot, served_by = %served, "this slot was already swept");
-                    let served = store::sweep_record(&self.db, kind, served).await?;
-                    return Ok(served.as_ref().map(Summary::of).unwrap_or_default());
+                    let record = store::sweep_record(&self.db, kind, served)
+                        .await?
+                        .unwrap_or(record);
+                    tracing::info!(kind = kind.as_str(), %slot, served_by = %served,
+                        "this slot was already swept; nothing to run (without --scheduled, syncd sweep sweeps now)");
+                    let how = How::AlreadySwept {
+                        slot: served,
+                        finished_at: record.finished_at,
+                    };
+                    return Ok(Summary::of(&record, how));
                 }
                 Claim::Taken(record) | Claim::Covered(record) => record,
             };
+            if matches!(watched.state(), SweepState::Waiting | SweepState::Orphaned)
+                && watched.slot != slot
+            {
+                // The sweep of the kind that serves this one is not running anywhere (handed
+                // back, or its owner died): take it over and resume it here.
+                slot = watched.slot;
+                continue;
+            }
             tracing::info!(kind = kind.as_str(), slot = %watched.slot, owner = watched.owner.as_deref().unwrap_or("-"),
-                "another process runs this sweep; waiting for it to finish");
+                "another process runs this sweep; following it");
             match self.watch(&watched, progress, cancel).await? {
                 Some(summary) => return Ok(summary),
                 // Its owner stopped: claim again, which takes it over.
                 None if !cancel.is_cancelled() => continue,
-                None => return Ok(Summary::of(&watched)),
+                None => return Ok(Summary::of(&watched, How::Followed)),
             }
         }
     }
@@ -331,7 +402,7 @@ impl Sweeper {
             }
             match record.state() {
                 SweepState::Finished | SweepState::Covered => {
-                    return Ok(Some(Summary::of(&record)))
+                    return Ok(Some(Summary::of(&record, How::Followed)))
                 }
                 SweepState::Orphaned => return Ok(None),
                 SweepState::Running | SweepState::Waiting => {}
@@ -379,7 +450,21 @@ impl Sweeper {
             done: sweep.done.into(),
             failed: sweep.failed.into(),
             finished: false,
+            how: How::Ran,
         })
+    }
+
+    /// What grows with time is trimmed after a sweep: old sweep records, and (after a full
+    /// sweep) the read weights, which decay.
+    async fn tidy_after(&self, kind: SweepKind) {
+        if let Err(error) = store::prune_sweeps(&self.db, SWEEPS_KEPT).await {
+            tracing::debug!(error = %error, "could not prune old sweep records");
+        }
+        if kind == SweepKind::Full {
+            if let Err(error) = store::decay_reads(&self.db).await {
+                tracing::warn!(error = %error, "could not decay the read weights");
+            }
+        }
     }
 
     /// Runs (or resumes) one claimed sweep to its end, or until `cancel`, when it is handed
@@ -508,6 +593,7 @@ impl Sweeper {
                     done: sweep.done.into(),
                     failed: sweep.failed.into(),
                     finished: false,
+                    how: How::Ran,
                 });
             }
         }
@@ -516,6 +602,7 @@ impl Sweeper {
             .sweeps
             .with_label_values(&[label, "finished"])
             .inc();
+        self.tidy_after(kind).await;
         if let Ok(stale) = store::count_stale(
             &self.db,
             Utc::now() - chrono::Duration::from_std(self.stale_threshold).unwrap_or_default(),
@@ -536,6 +623,33 @@ impl Sweeper {
             done: sweep.done.into(),
             failed: sweep.failed.into(),
             finished: true,
+            how: How::Ran,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_cronjobs_own_job_is_the_schedules_trigger() {
+        let now: DateTime<Utc> = "2026-12-04T00:00:30Z".parse().unwrap();
+        let minute = now.timestamp() / 60;
+        let own = format!("participants-full-sweep-{minute}");
+        let late = format!("participants-full-sweep-{}", minute - 90);
+        assert_eq!(Start::of(true, Some(&own), now), Start::Scheduled);
+        assert_eq!(
+            Start::of(true, Some(&late), now),
+            Start::Scheduled,
+            "started or retried late"
+        );
+        assert_eq!(Start::of(true, None, now), Start::Scheduled);
+        assert_eq!(Start::of(true, Some("manual-sweep"), now), Start::ByHand);
+        assert_eq!(
+            Start::of(true, Some("participants-full-sweep-2"), now),
+            Start::ByHand
+        );
+        assert_eq!(Start::of(false, Some(&own), now), Start::ByHand);
     }
 }

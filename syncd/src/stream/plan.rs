@@ -29,12 +29,34 @@ pub struct Wanted {
     pub manual: bool,
 }
 
+/// A chat whose requests are done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    /// What to publish to waiting requests; `None` for a chat deleted since it was asked.
+    pub outcome: Option<RefreshOutcome>,
+    /// The count is what Postgres holds (no MAX call): Redis is brought up to it.
+    pub from_store: bool,
+    /// Left alone for now (backing off, unavailable until its recheck): its dedup marker stays
+    /// until it expires, so that every read does not enqueue it again.
+    pub left_alone: bool,
+}
+
+impl Settled {
+    fn of(target: &Target, error: Option<&str>, left_alone: bool) -> Self {
+        Self {
+            outcome: Some(outcome_of(target, error)),
+            from_store: error.is_none(),
+            left_alone,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Plan {
     pub wanted: BTreeMap<i32, Wanted>,
-    /// Chats answered without a MAX call: the outcome to publish, `None` for a deleted chat.
-    pub settled: HashMap<i32, Option<RefreshOutcome>>,
-    /// Chats to ask MAX about, with the trace of a request that asked, if any.
+    /// Chats answered without a MAX call.
+    pub settled: HashMap<i32, Settled>,
+    /// Chats to ask MAX about, manual ones first, with the trace of a request that asked.
     pub to_refresh: Vec<Target>,
 }
 
@@ -61,7 +83,15 @@ pub fn plan(
     let mut to_refresh = Vec::new();
     for (chat_id, Wanted { oldest, manual }) in &wanted {
         let Some(target) = targets.get(chat_id) else {
-            settled.insert(*chat_id, None); // deleted since it was enqueued
+            // Deleted since it was enqueued.
+            settled.insert(
+                *chat_id,
+                Settled {
+                    outcome: None,
+                    from_store: false,
+                    left_alone: false,
+                },
+            );
             continue;
         };
         let refreshed_since = target
@@ -73,19 +103,18 @@ pub fn plan(
         if !manual && !target.is_due(recheck_before) {
             // A manual refresh always asks MAX: a chat marked unavailable by mistake (a wrong
             // MAX_API_URL, another bot's token) must be recoverable by a person.
-            settled.insert(*chat_id, Some(outcome_of(target, Some("chat_unavailable"))));
-        } else if !manual
-            && target.backing_off_until().is_some_and(|until| until > now)
-            && target.checked_at.is_some_and(|at| at < *oldest)
-        {
-            // Its answers keep failing: a request made since the last failure is left alone
-            // until the backoff ends (the stale sweep takes the chat then), instead of a MAX
-            // call on every read. A request the failure answered is retried, and dead-lettered
-            // after `max_deliveries`, as before.
-            settled.insert(*chat_id, Some(outcome_of(target, Some("backing_off"))));
+            settled.insert(
+                *chat_id,
+                Settled::of(target, Some("chat_unavailable"), true),
+            );
+        } else if !manual && target.backing_off_until().is_some_and(|until| until > now) {
+            // Its own answers keep failing: lazy requests are left alone until the backoff ends
+            // (the stale sweep takes the chat then), instead of a MAX call on every read or
+            // redelivery. Outages are not recorded against chats, so they never get here.
+            settled.insert(*chat_id, Settled::of(target, Some("backing_off"), true));
         } else if refreshed_since || (!manual && still_fresh) {
             // Someone refreshed it after this was asked: no MAX call needed.
-            settled.insert(*chat_id, Some(outcome_of(target, None)));
+            settled.insert(*chat_id, Settled::of(target, None, false));
         } else {
             let mut target = target.clone();
             target.traceparent = requests
@@ -95,6 +124,8 @@ pub fn plan(
             to_refresh.push(target);
         }
     }
+    // A person waits for a manual refresh: its calls start first.
+    to_refresh.sort_by_key(|target| !wanted[&target.chat_id].manual);
     Plan {
         wanted,
         settled,
@@ -152,6 +183,7 @@ mod tests {
             sync_status: Some(SyncStatus::Active),
             checked_at: Some(at("2026-12-03T10:00:00Z")),
             consecutive_failures: 0,
+            last_error: None,
             traceparent: None,
         }
     }
@@ -169,7 +201,7 @@ mod tests {
     fn settled_as(plan: &Plan, chat_id: i32) -> Option<Option<String>> {
         plan.settled
             .get(&chat_id)
-            .map(|o| o.as_ref().and_then(|o| o.error.clone()))
+            .map(|s| s.outcome.as_ref().and_then(|o| o.error.clone()))
     }
 
     #[test]
@@ -197,7 +229,7 @@ mod tests {
         ];
         let plan = planned(&requests, vec![fresh]);
         assert!(refreshed(&plan).is_empty());
-        assert_eq!(plan.settled.get(&1), Some(&None), "deleted");
+        assert_eq!(plan.settled[&1].outcome, None, "deleted");
         assert_eq!(
             settled_as(&plan, 2),
             Some(None),
@@ -242,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_chat_backs_off_new_reads_but_retries_the_request_that_failed() {
+    fn a_failing_chat_backs_off_lazy_requests_but_a_manual_one_asks() {
         let mut failing = target(1);
         failing.consecutive_failures = 3; // a 4-minute backoff from its last check
         failing.checked_at = Some(at("2026-12-03T11:58:00Z"));
@@ -251,17 +283,48 @@ mod tests {
             vec![failing.clone()],
         );
         assert_eq!(settled_as(&new_read, 1), Some(Some("backing_off".into())));
+        assert!(new_read.settled[&1].left_alone, "its dedup marker stays");
         let redelivered = planned(
             &[request(1, Priority::Lazy, "2026-12-03T11:57:00Z")],
             vec![failing.clone()],
         );
-        assert_eq!(refreshed(&redelivered), [1]);
+        assert_eq!(
+            settled_as(&redelivered, 1),
+            Some(Some("backing_off".into())),
+            "the request the failure answered is not redelivered to MAX either"
+        );
+        let manual = planned(
+            &[request(1, Priority::Manual, "2026-12-03T11:59:00Z")],
+            vec![failing.clone()],
+        );
+        assert_eq!(refreshed(&manual), [1]);
         failing.checked_at = Some(at("2026-12-03T11:50:00Z"));
         let after_backoff = planned(
             &[request(1, Priority::Lazy, "2026-12-03T11:59:00Z")],
             vec![failing],
         );
         assert_eq!(refreshed(&after_backoff), [1]);
+    }
+
+    #[test]
+    fn manual_refreshes_are_asked_first_and_fresh_counts_bring_redis_up_to_postgres() {
+        let mut fresh = target(3);
+        fresh.participants_updated_at = Some(at("2026-12-03T11:59:00Z"));
+        let plan = planned(
+            &[
+                request(1, Priority::Lazy, "2026-12-03T11:59:00Z"),
+                request(2, Priority::Lazy, "2026-12-03T11:59:00Z"),
+                request(9, Priority::Manual, "2026-12-03T11:59:00Z"),
+                request(3, Priority::Lazy, "2026-12-03T11:59:00Z"),
+            ],
+            vec![target(1), target(2), fresh, target(9)],
+        );
+        assert_eq!(refreshed(&plan), [9, 1, 2]);
+        assert!(
+            plan.settled[&3].from_store,
+            "a count Postgres holds goes to Redis"
+        );
+        assert!(!plan.settled[&3].left_alone, "and its marker goes");
     }
 
     #[test]

@@ -188,14 +188,18 @@ async fn malformed_entries_go_to_the_dead_letter_stream() {
 }
 
 #[tokio::test]
-async fn entries_that_keep_failing_are_dead_lettered_after_max_deliveries() {
-    let world = World::new(SimConfig {
-        error_rate: 1.0,
-        ..SimConfig::default()
-    })
-    .await;
-    let ids = world.insert_chats(1).await;
-    world.enqueue_lazy(&ids).await;
+async fn an_entry_whose_own_chat_keeps_failing_is_dead_lettered_after_max_deliveries() {
+    let world = World::new(SimConfig::default()).await;
+    let ids = world.insert_chats(3).await;
+    // MAX answers the other chats; this one fails every time: the failures are its own.
+    world.sim.override_chat(
+        World::max_id(1),
+        maxsim::ChatOverride {
+            http_status: Some(500),
+            ..maxsim::ChatOverride::default()
+        },
+    );
+    world.enqueue_manual(&ids).await;
     let replica = world
         .replica(&[
             "--claim-idle",
@@ -221,8 +225,8 @@ async fn entries_that_keep_failing_are_dead_lettered_after_max_deliveries() {
         },
     )
     .await;
-    assert_eq!(world.pending(keys::REFRESH_STREAM_LAZY).await, 0);
-    let calls = world.sim.stats().calls_per_chat.values().sum::<u64>();
+    assert_eq!(world.pending(keys::REFRESH_STREAM_MANUAL).await, 0);
+    let calls = world.max_calls(1);
     assert!(
         (2..=3).contains(&calls),
         "one call per delivery, saw {calls}"

@@ -161,6 +161,51 @@ async fn refresh_and_wait_returns_the_count_max_gave() {
 }
 
 #[tokio::test]
+async fn refresh_and_wait_says_when_max_found_the_chat_unavailable() {
+    let world = World::new(SimConfig::default()).await;
+    let ids = world.insert_chats(2).await;
+    world.sim.override_chat(
+        World::max_id(1),
+        maxsim::ChatOverride {
+            http_status: Some(404),
+            ..maxsim::ChatOverride::default()
+        },
+    );
+    world.sim.override_chat(
+        World::max_id(2),
+        maxsim::ChatOverride {
+            status: Some("removed".into()),
+            ..maxsim::ChatOverride::default()
+        },
+    );
+    let (api, _stop_api) = start_api(&world, &[]).await;
+    let replica = world
+        .replica(&["--participants-enable-background-sync", "false"])
+        .await;
+    let http = reqwest::Client::new();
+    let token = token();
+    for (id, reason) in [(ids[0], "not_found"), (ids[1], "removed")] {
+        let url = format!("http://{api}/chats/{id}/refresh-participants");
+        // The first call may race the api's subscription.
+        let mut answer = (reqwest::StatusCode::ACCEPTED, serde_json::Value::Null);
+        for _ in 0..5 {
+            let response = http.post(&url).bearer_auth(&token).send().await.unwrap();
+            answer = (response.status(), response.json().await.unwrap());
+            if answer.0 == 200 {
+                break;
+            }
+        }
+        let (status, body) = answer;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "unavailable", "{body}");
+        assert_eq!(body["reason"], reason, "{body}");
+        assert_eq!(body["chat_id"], id, "{body}");
+        assert!(body["checked_at"].is_string(), "{body}");
+    }
+    replica.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_operator_can_start_a_full_sweep_and_read_the_status() {
     let world = World::new(SimConfig {
         rate_limit: 0,

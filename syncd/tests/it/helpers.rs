@@ -266,6 +266,20 @@ impl World {
         .unwrap();
     }
 
+    /// Enqueues manual refreshes the way the api's refresh-and-wait does.
+    pub async fn enqueue_manual(&self, ids: &[i32]) {
+        let client = self.redis_client().await;
+        shared::refresh::enqueue(
+            &client,
+            shared::refresh::Priority::Manual,
+            ids,
+            Duration::from_secs(60),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
     /// Asks for a full sweep as the admin endpoint does.
     pub async fn request_full_sweep(&self) -> shared::sweeps::SweepRecord {
         match shared::sweeps::request(

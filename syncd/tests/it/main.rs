@@ -6,6 +6,7 @@ mod end_to_end;
 mod healing;
 mod helpers;
 mod ops;
+mod real_life;
 mod scale_out;
 mod schedules;
 mod sweeps;

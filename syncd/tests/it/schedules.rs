@@ -68,7 +68,7 @@ async fn two_replicas_and_a_cronjob_sweep_on_the_same_slot_make_one_sweep() {
         world.replica(&run_flags).await,
         world.replica(&run_flags).await,
     ];
-    let mut cronjob_flags = vec!["--full", "--max-api-rps", "100"];
+    let mut cronjob_flags = vec!["--full", "--scheduled", "--max-api-rps", "100"];
     cronjob_flags.extend(schedule);
     let cronjob_args = world.sweep_args(&cronjob_flags);
     let cronjob_again = world.sweep_args(&cronjob_flags);
@@ -82,11 +82,16 @@ async fn two_replicas_and_a_cronjob_sweep_on_the_same_slot_make_one_sweep() {
     for replica in replicas {
         replica.stop().await.unwrap();
     }
-    // The CronJob retried (a pod restarted): the slot is swept already, nothing is asked again.
+    // The CronJob retried (a pod restarted): the slot is swept already, nothing is asked again,
+    // and the summary says so instead of reporting that sweep as its own.
     let again = syncd::sweep_once(cronjob_again, std::future::pending())
         .await
         .unwrap();
-    assert_eq!(again, summary);
+    assert!(
+        matches!(again.how, syncd::sweep::How::AlreadySwept { slot: swept, .. } if swept == slot),
+        "{again:?}"
+    );
+    assert_eq!((again.done, again.planned), (summary.done, summary.planned));
     let rows = sweeps(&world).await;
     assert_eq!(rows.len(), 1, "one sweep for the slot: {rows:?}");
     assert_eq!(rows[0].1, slot);
