@@ -10,7 +10,7 @@ use shared::config::{
     parse_bool, parse_duration, parse_secret, DatabaseArgs, FreshnessArgs, LogArgs, RedisArgs,
 };
 
-use crate::schedule::{interval_to_cron, Schedule, Schedules};
+use crate::sweep::schedule::{interval_to_cron, Schedule, Schedules};
 
 /// Keeps participant counts fresh: consumes the refresh stream and sweeps the chats against
 /// the MAX Bot API, within one rate limit shared by every replica. Every flag can also be set

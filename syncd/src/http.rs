@@ -15,7 +15,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::metrics::Metrics;
-use crate::status::TokenState;
+use crate::token::TokenState;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -140,7 +140,7 @@ struct Health {
 async fn health(State(state): State<HttpState>) -> (StatusCode, Json<Health>) {
     let timeout = Duration::from_secs(2);
     let database_up = matches!(
-        tokio::time::timeout(timeout, sqlx::query("select 1").execute(&state.db)).await,
+        tokio::time::timeout(timeout, crate::store::ping(&state.db)).await,
         Ok(Ok(_))
     );
     let redis_up = matches!(

@@ -9,26 +9,23 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub mod call_policy;
 pub mod config;
+pub mod heartbeat;
 pub mod http;
-pub mod limiter;
-pub mod max;
 pub mod metrics;
-pub mod refresher;
+pub mod refresh;
 pub mod report;
-pub mod schedule;
-pub mod status;
 pub mod store;
 pub mod stream;
 pub mod sweep;
+pub mod token;
 
 use crate::config::{RefreshArgs, RunArgs, SweepArgs, SyncArgs};
-use crate::limiter::{Limiter, Urgency};
 use crate::metrics::Metrics;
-use crate::refresher::{Outcome, Refresher, RefresherParts};
-use crate::status::TokenState;
+use crate::refresh::limiter::{Limiter, Urgency};
+use crate::refresh::{Outcome, Refresher, RefresherParts};
 use crate::sweep::{Progress, Sweeper};
+use crate::token::TokenState;
 use shared::sweeps::SweepKind;
 
 /// The pieces every command builds from `SyncArgs`.
@@ -44,7 +41,7 @@ async fn build(args: &SyncArgs) -> anyhow::Result<Parts> {
     let db = shared::db::pool(&args.database)?;
     let redis = shared::redis::connect(&args.redis)?;
     let token = TokenState::new(metrics.clone());
-    let max = max::MaxClient::new(
+    let max = refresh::max::MaxClient::new(
         &args.max_api_url,
         args.max_api_token.clone(),
         args.participants_max_api_timeout,
@@ -135,7 +132,7 @@ pub async fn run(
             }
         }
     });
-    tracker.spawn(status::run_heartbeat(
+    tracker.spawn(heartbeat::run_heartbeat(
         parts.redis.clone(),
         name.clone(),
         parts.refresher.token().clone(),

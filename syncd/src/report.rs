@@ -145,22 +145,8 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     }
 
     let stale_s = args.freshness.participants_stale_threshold.as_secs_f64();
-    let freshness: Vec<(String, i64)> = sqlx::query_as(
-        "select bucket, count(*) from ( \
-           select case \
-             when c.max_chat_id is null or p.sync_status = 'invalid_id' then '6 no usable MAX id' \
-             when p.sync_status is not null and p.sync_status <> 'active' then '5 gone (' || p.sync_status || ')' \
-             when p.participants_updated_at is null then '4 never refreshed' \
-             when now() - p.participants_updated_at <= make_interval(secs => $1 / 4) then '0 fresh (< 1/4 threshold)' \
-             when now() - p.participants_updated_at <= make_interval(secs => $1) then '1 fresh (< threshold)' \
-             when now() - p.participants_updated_at <= make_interval(secs => $1 * 24) then '2 stale (< 24x threshold)' \
-             else '3 stale (older)' end as bucket \
-           from chats c left join chat_participants p on p.chat_id = c.id) b \
-         group by bucket order by bucket",
-    )
-    .bind(stale_s)
-    .fetch_all(&db)
-    .await?;
+    let freshness =
+        crate::store::freshness_buckets(&db, args.freshness.participants_stale_threshold).await?;
     let total: i64 = freshness.iter().map(|(_, n)| n).sum();
     writeln!(
         out,

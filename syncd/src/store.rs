@@ -207,6 +207,41 @@ pub fn interleave<T>(a: Vec<T>, b: Vec<T>, limit: usize) -> Vec<T> {
     keyed.into_iter().take(limit).map(|(_, _, t)| t).collect()
 }
 
+/// How many chats there are (a full sweep's plan).
+pub async fn count_chats(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select count(*) from chats")
+        .fetch_one(pool)
+        .await
+}
+
+/// Whether Postgres answers (`/health`).
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("select 1").execute(pool).await.map(|_| ())
+}
+
+/// Chats by freshness bucket against `stale_threshold` (`syncd status`), in display order.
+pub async fn freshness_buckets(
+    pool: &PgPool,
+    stale_threshold: std::time::Duration,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "select bucket, count(*) from ( \
+           select case \
+             when c.max_chat_id is null or p.sync_status = 'invalid_id' then '6 no usable MAX id' \
+             when p.sync_status is not null and p.sync_status <> 'active' then '5 gone (' || p.sync_status || ')' \
+             when p.participants_updated_at is null then '4 never refreshed' \
+             when now() - p.participants_updated_at <= make_interval(secs => $1 / 4) then '0 fresh (< 1/4 threshold)' \
+             when now() - p.participants_updated_at <= make_interval(secs => $1) then '1 fresh (< threshold)' \
+             when now() - p.participants_updated_at <= make_interval(secs => $1 * 24) then '2 stale (< 24x threshold)' \
+             else '3 stale (older)' end as bucket \
+           from chats c left join chat_participants p on p.chat_id = c.id) b \
+         group by bucket order by bucket",
+    )
+    .bind(stale_threshold.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
 /// How many chats with a MAX id have a count older than `stale_before` or none.
 pub async fn count_stale(pool: &PgPool, stale_before: DateTime<Utc>) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(

@@ -27,9 +27,9 @@ use shared::refresh::{Priority, RefreshOutcome, RefreshRequest};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::limiter::Urgency;
 use crate::metrics::Metrics;
-use crate::refresher::{Outcome, Refresher, Unsettled};
+use crate::refresh::limiter::Urgency;
+use crate::refresh::{Outcome, Refresher, Unsettled};
 use crate::store::{self, Target};
 use plan::{Plan, Settled};
 use redis::Entry;

@@ -1,31 +1,26 @@
-//! Whether MAX accepts the bot token, and the fleet status syncd publishes for the api's
-//! `/health/detailed`: a heartbeat per replica and the last MAX success and error.
+//! Whether MAX calls may be made: the bot token accepted and no fault of the setup seen, the one
+//! probe a minute while they are stopped, and the last MAX success and error (published by
+//! `heartbeat` for the api's `/health/detailed`).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use fred::prelude::*;
-use shared::keys::{self, status};
-use tokio_util::sync::CancellationToken;
+use shared::keys::status;
 
-use crate::max::MaxError;
 use crate::metrics::Metrics;
+use crate::refresh::max::MaxError;
 
 /// While the token is invalid, one call per this period checks whether it works again.
 pub const TOKEN_RECHECK: Duration = Duration::from_secs(60);
-/// How often a replica writes its heartbeat.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
-/// Heartbeats older than this are removed from the status hash.
-const HEARTBEAT_FORGET: Duration = Duration::from_secs(3600);
 
 #[derive(Clone)]
 pub struct TokenState {
-    inner: Arc<TokenInner>,
+    pub(crate) inner: Arc<TokenInner>,
 }
 
-struct TokenInner {
+pub(crate) struct TokenInner {
     valid: AtomicBool,
     /// Calls stopped for a systemic 403/404 rather than for the token.
     systemic: AtomicBool,
@@ -34,7 +29,7 @@ struct TokenInner {
     last_error: Mutex<Option<(String, i64)>>,
     metrics: Metrics,
     /// Wakes the heartbeat so that a change of validity is published at once.
-    changed: tokio::sync::Notify,
+    pub(crate) changed: tokio::sync::Notify,
 }
 
 impl TokenState {
@@ -179,7 +174,7 @@ impl TokenState {
             .unwrap_or_else(|p| p.into_inner()) = Some((text, Utc::now().timestamp_millis()));
     }
 
-    fn fields(&self) -> Vec<(String, String)> {
+    pub(crate) fn fields(&self) -> Vec<(String, String)> {
         let mut fields = vec![(
             status::MAX_TOKEN.to_owned(),
             if self.reported_valid() {
@@ -204,52 +199,5 @@ impl TokenState {
             fields.push((status::MAX_LAST_ERROR_AT.to_owned(), at.to_string()));
         }
         fields
-    }
-}
-
-/// Writes this replica's heartbeat and the token status every few seconds until `cancel`,
-/// then removes the heartbeat.
-pub async fn run_heartbeat(
-    redis: Client,
-    consumer: String,
-    token: TokenState,
-    cancel: CancellationToken,
-) {
-    let field = format!("{}{consumer}", status::HEARTBEAT_PREFIX);
-    loop {
-        let mut fields = token.fields();
-        fields.push((field.clone(), Utc::now().timestamp_millis().to_string()));
-        let written: Result<(), _> = redis.hset(keys::SYNCD_STATUS, fields).await;
-        if let Err(error) = written {
-            tracing::debug!(error = %error, "could not write the heartbeat");
-        }
-        forget_old_heartbeats(&redis).await;
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
-            () = token.inner.changed.notified() => {}
-        }
-    }
-    let _: Result<(), _> = redis.hdel(keys::SYNCD_STATUS, field).await;
-}
-
-async fn forget_old_heartbeats(redis: &Client) {
-    let Ok(all) = redis
-        .hgetall::<std::collections::HashMap<String, String>, _>(keys::SYNCD_STATUS)
-        .await
-    else {
-        return;
-    };
-    let cutoff = Utc::now().timestamp_millis() - HEARTBEAT_FORGET.as_millis() as i64;
-    let old: Vec<String> = all
-        .into_iter()
-        .filter(|(name, value)| {
-            name.starts_with(status::HEARTBEAT_PREFIX)
-                && value.parse::<i64>().is_ok_and(|ms| ms < cutoff)
-        })
-        .map(|(name, _)| name)
-        .collect();
-    if !old.is_empty() {
-        let _: Result<(), _> = redis.hdel(keys::SYNCD_STATUS, old).await;
     }
 }
