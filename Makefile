@@ -46,6 +46,7 @@ bench: deps bench-build
 ## make drill: fault drills under load, one row each (about 8 min), then the soak (about 12 min)
 drill: deps bench-build
 	./target/release/bench drill
+	./target/release/bench shutdown
 	./target/release/bench soak --minutes 6
 
 bench-build:

@@ -25,6 +25,7 @@ struct Cli {
 mod drill;
 mod fresh;
 mod read;
+mod shutdown;
 mod soak;
 mod stack;
 mod sync;
@@ -40,6 +41,9 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         connections: u32,
     },
+    /// SIGTERM to a busy syncd with MAX up, MAX down and Redis down: time to exit against the
+    /// grace period, and MAX calls after the signal
+    Shutdown,
     /// Fault drills under load, one row each: Redis, Postgres and syncd killed, a 429 storm,
     /// a 60 s MAX outage, MAX answering in 5 s
     Drill {
@@ -99,6 +103,9 @@ enum Bench {
         rps: f64,
         #[arg(long, default_value = "30ms", value_parser = parse_duration)]
         latency: Duration,
+        /// Uniform jitter added to the simulator's latency
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        jitter: Duration,
         /// Replica counts to sweep with, one row each
         #[arg(long, value_delimiter = ',', default_value = "1,3")]
         replicas: Vec<u32>,
@@ -133,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
             connections,
         } => read::run(chats, seconds, connections).await?,
         Bench::Drill { only } => drill::run(&only).await?,
+        Bench::Shutdown => shutdown::run().await?,
         Bench::Soak {
             chats,
             minutes,
@@ -171,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
             chats,
             rps,
             latency,
+            jitter,
             replicas,
             samples,
         } => {
@@ -178,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
                 chats,
                 rps,
                 latency,
+                jitter,
                 replicas,
                 samples,
             })

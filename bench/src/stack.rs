@@ -61,6 +61,27 @@ impl Process {
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// SIGTERM, then waits for the exit: how long it took (`None`: still running after
+    /// `deadline`, then killed) and whether it exited 0.
+    pub fn terminate(&mut self, deadline: Duration) -> (Option<Duration>, bool) {
+        let Some(mut child) = self.child.take() else {
+            return (None, false);
+        };
+        let started = Instant::now();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        while started.elapsed() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return (Some(started.elapsed()), status.success());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        (None, false)
+    }
 }
 
 impl Drop for Process {

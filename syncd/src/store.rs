@@ -98,34 +98,36 @@ pub async fn any_chat_has_a_count(pool: &PgPool) -> Result<bool, sqlx::Error> {
 
 /// A chat to probe MAX with while calls are stopped: one that last gave a count, picked at
 /// random each time (so that one chat gone since cannot keep calls stopped), by a random start
-/// on the primary key rather than a scan of the table.
+/// on the primary key rather than a scan of the table. A deployment with no count yet probes
+/// any chat with a usable MAX id.
 pub async fn probe_chat(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
-    let pick = "select c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
+    let known_active = "select c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
          where p.chat_id >= $1 and p.sync_status = 'active' \
            and p.participants_updated_at is not null and c.max_chat_id ~ '^-?[0-9]+$' \
          order by p.chat_id limit 1";
-    let bounds: (Option<i32>, Option<i32>) =
-        sqlx::query_as("select min(chat_id), max(chat_id) from chat_participants")
-            .fetch_one(pool)
-            .await?;
-    let (Some(low), Some(high)) = bounds else {
-        return Ok(None);
-    };
-    let span = (i64::from(high) - i64::from(low) + 1).max(1);
-    let from = (i64::from(low) + i64::from(rand::random::<u32>()) % span) as i32;
-    let found: Option<String> = sqlx::query_scalar(pick)
-        .bind(from)
-        .fetch_optional(pool)
-        .await?;
-    match found {
-        Some(found) => Ok(Some(found)),
-        None => {
-            sqlx::query_scalar(pick)
-                .bind(low)
+    let any = "select c.max_chat_id from chats c where c.id >= $1 and c.max_chat_id ~ '^-?[0-9]+$' \
+         order by c.id limit 1";
+    for pick in [known_active, any] {
+        let bounds: (Option<i32>, Option<i32>) =
+            sqlx::query_as("select min(id), max(id) from chats")
+                .fetch_one(pool)
+                .await?;
+        let (Some(low), Some(high)) = bounds else {
+            return Ok(None);
+        };
+        let span = (i64::from(high) - i64::from(low) + 1).max(1);
+        let from = (i64::from(low) + i64::from(rand::random::<u32>()) % span) as i32;
+        for start in [from, low] {
+            let found: Option<String> = sqlx::query_scalar(pick)
+                .bind(start)
                 .fetch_optional(pool)
-                .await
+                .await?;
+            if found.is_some() {
+                return Ok(found);
+            }
         }
     }
+    Ok(None)
 }
 
 /// The next page of a full sweep, in id order after `after_id`.
