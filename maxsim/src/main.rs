@@ -7,9 +7,9 @@ use clap::Parser;
 use maxsim::{SimConfig, Simulator};
 use shared::config::parse_duration;
 
-/// A MAX Bot API simulator: GET /chats/{chatId} with a rate limit, latency, errors, removed
-/// chats and churn. Change it at run time with POST /_sim/config; read what it saw at
-/// GET /_sim/stats.
+/// A MAX Bot API simulator: GET /chats/{chatId} with a rate limit, latency, errors, answers
+/// that are not a chat, chats gone for good or not joined yet, and churn. Change it at run time
+/// with POST /_sim/config (and POST /_sim/join/{chatId}); read what it saw at GET /_sim/stats.
 #[derive(Parser, Debug)]
 #[command(name = "maxsim", version, about)]
 struct Cli {
@@ -33,9 +33,24 @@ struct Cli {
     /// Share of requests answered with a 5xx
     #[arg(long, env = "MAXSIM_ERROR_RATE", default_value_t = 0.0)]
     error_rate: f64,
-    /// Per mille of chats the bot was removed from
+    /// Per mille of chats gone for good (404, 403, or status removed or left)
     #[arg(long, env = "MAXSIM_REMOVED_PERMILLE", default_value_t = 20)]
     removed_permille: u32,
+    /// Per mille of chats the bot is not in yet (403 until they join)
+    #[arg(long, env = "MAXSIM_NOT_JOINED_PERMILLE", default_value_t = 0)]
+    not_joined_permille: u32,
+    /// When the chats not joined yet join, after start; unset: only POST /_sim/join/{chatId}
+    #[arg(long, env = "MAXSIM_JOIN_AFTER", value_parser = parse_duration)]
+    join_after: Option<std::time::Duration>,
+    /// Spread those joins over this long
+    #[arg(long, env = "MAXSIM_JOIN_SPREAD", default_value = "0s", value_parser = parse_duration)]
+    join_spread: std::time::Duration,
+    /// Share of requests answered 200 with an HTML page (a captive portal)
+    #[arg(long, env = "MAXSIM_NOT_A_CHAT_RATE", default_value_t = 0.0)]
+    not_a_chat_rate: f64,
+    /// Share of requests answered 200 with a chat that has no participants_count
+    #[arg(long, env = "MAXSIM_NO_COUNT_RATE", default_value_t = 0.0)]
+    no_count_rate: f64,
     /// Counts drift by up to ±10 every this long (0 keeps them still)
     #[arg(long, env = "MAXSIM_CHURN_PERIOD", default_value = "5m", value_parser = parse_duration)]
     churn_period: std::time::Duration,
@@ -58,6 +73,11 @@ async fn main() -> anyhow::Result<()> {
         latency_ms: cli.latency.as_millis() as u64,
         error_rate: cli.error_rate,
         removed_permille: cli.removed_permille,
+        not_joined_permille: cli.not_joined_permille,
+        join_after_secs: cli.join_after.map(|after| after.as_secs()),
+        join_spread_secs: cli.join_spread.as_secs(),
+        not_a_chat_rate: cli.not_a_chat_rate,
+        no_count_rate: cli.no_count_rate,
         churn_period_secs: cli.churn_period.as_secs(),
         ..SimConfig::default()
     });
@@ -69,4 +89,16 @@ async fn main() -> anyhow::Result<()> {
         .serve(listener, shared::shutdown::signal())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
 }
