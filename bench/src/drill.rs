@@ -245,8 +245,9 @@ pub(crate) fn acknowledged(sent: &Mutex<Vec<Sent>>) -> Vec<(i32, DateTime<Utc>)>
         .collect()
 }
 
-/// Acknowledged refreshes whose chat still has no count as new as the request after waiting
-/// up to `drain` for them.
+/// Acknowledged refreshes whose chat still has no answer as new as the request after waiting
+/// up to `drain` for them: a count, or a status of the chat's own (gone, not joined yet). A
+/// failure recorded against the chat is not an answer.
 pub(crate) async fn lost_after_drain(
     stack: &Stack,
     acknowledged: &[(i32, DateTime<Utc>)],
@@ -257,7 +258,9 @@ pub(crate) async fn lost_after_drain(
     while started.elapsed() < drain {
         let ids: Vec<i32> = acknowledged.iter().map(|a| a.0).collect();
         let rows: Vec<(i32, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "select chat_id, participants_updated_at from chat_participants where chat_id = any($1)",
+            "select chat_id, greatest(participants_updated_at, \
+                 case when sync_status <> 'active' then checked_at end) \
+             from chat_participants where chat_id = any($1)",
         )
         .bind(&ids)
         .fetch_all(&stack.db)
