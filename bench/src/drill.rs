@@ -252,9 +252,9 @@ pub(crate) async fn lost_after_drain(
     stack: &Stack,
     acknowledged: &[(i32, DateTime<Utc>)],
     drain: Duration,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Vec<(i32, DateTime<Utc>)>> {
     let started = Instant::now();
-    let mut lost = acknowledged.len();
+    let mut lost = acknowledged.to_vec();
     while started.elapsed() < drain {
         let ids: Vec<i32> = acknowledged.iter().map(|a| a.0).collect();
         let rows: Vec<(i32, Option<DateTime<Utc>>)> = sqlx::query_as(
@@ -275,8 +275,9 @@ pub(crate) async fn lost_after_drain(
         lost = acknowledged
             .iter()
             .filter(|(id, at)| fresh.get(id).is_none_or(|f| *f < *at - slack))
-            .count();
-        if lost == 0 {
+            .copied()
+            .collect();
+        if lost.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -443,7 +444,9 @@ async fn one(drill: Drill) -> anyhow::Result<Row> {
 
     // Drain: every acknowledged refresh must show a count no older than its request.
     let acknowledged = acknowledged(&sent);
-    let lost = lost_after_drain(&stack, &acknowledged, Duration::from_secs(90)).await?;
+    let lost = lost_after_drain(&stack, &acknowledged, Duration::from_secs(90))
+        .await?
+        .len();
     let dead: u64 = match stack.redis_client().await {
         Ok(client) => client
             .xlen(shared::keys::REFRESH_STREAM_DEAD)

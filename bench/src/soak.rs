@@ -109,9 +109,14 @@ impl Timing {
         }
     }
 
+    /// `secs` of real time compressed (at least a second).
+    fn compressed(&self, secs: u64) -> Duration {
+        Duration::from_secs((secs / self.scale).max(1))
+    }
+
     /// `secs` of real time compressed, as a duration setting.
     fn setting(&self, secs: u64) -> String {
-        format!("{}s", (secs / self.scale).max(1))
+        format!("{}s", self.compressed(secs).as_secs())
     }
 
     fn stale_sweep_cron(&self) -> String {
@@ -233,17 +238,19 @@ impl Deployment {
     }
 
     /// Waits up to `bound` for every chat that `chats` lists (`chats.id`, MAX id; asked again
-    /// each round, as the set may change) to have MAX's count in the cache.
+    /// each round, as the set may change) to have MAX's count in the cache, no older than
+    /// `max_age` if given.
     async fn converge(
         &self,
         client: &Client,
         chats: impl Fn() -> Vec<(i32, i64)>,
+        max_age: Option<Duration>,
         bound: Duration,
     ) -> anyhow::Result<Convergence> {
         let started = Instant::now();
         loop {
             let checked = chats();
-            let right = cached_right(client, &self.stack.sim, &checked).await?;
+            let right = cached_right(client, &self.stack.sim, &checked, max_age).await?;
             let done = right.len() == checked.len();
             if done || started.elapsed() >= bound {
                 return Ok(Convergence {
@@ -279,7 +286,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let client = deployment.stack.redis_client().await?;
     let every_chat: Vec<(i32, i64)> = deployment.max_ids.iter().map(|(k, v)| (*k, *v)).collect();
     let convergence = deployment
-        .converge(&client, || every_chat.clone(), CONVERGE_BOUND)
+        .converge(&client, || every_chat.clone(), None, CONVERGE_BOUND)
         .await?;
     let chats = convergence.checked.len();
     let (converged, converged_after) = (convergence.right.len(), convergence.after);
@@ -287,7 +294,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let acknowledged = drill::acknowledged(&deployment.sent);
     let drain = Duration::from_secs(60);
-    let lost = drill::lost_after_drain(&deployment.stack, &acknowledged, drain).await?;
+    let lost = drill::lost_after_drain(&deployment.stack, &acknowledged, drain)
+        .await?
+        .len();
     let pending = pending_after_drain(&client, drain).await;
     let dead: i64 = client
         .xlen(shared::keys::REFRESH_STREAM_DEAD)
@@ -478,14 +487,18 @@ async fn pending_after_drain(client: &Client, drain: Duration) -> i64 {
     }
 }
 
-/// The chats of `chats` (`chats.id`, MAX id) whose count in Redis is MAX's current count
-/// (none while Redis cannot be read).
+/// The chats of `chats` (`chats.id`, MAX id) whose count in Redis is MAX's current count, and
+/// no older than `max_age` if given (none while Redis cannot be read). A count's bucket lives
+/// as long as any of its 64 chats is written, so without `max_age` a count that stopped being
+/// refreshed long ago, and that MAX has not changed since, passes too.
 async fn cached_right(
     client: &Client,
     sim: &Simulator,
     chats: &[(i32, i64)],
+    max_age: Option<Duration>,
 ) -> anyhow::Result<HashSet<i32>> {
     let options = fred::types::config::Options::default();
+    let oldest = max_age.map(|age| chrono::Utc::now() - age);
     let mut right = HashSet::new();
     for chunk in chats.chunks(500) {
         let ids: Vec<i32> = chunk.iter().map(|(id, _)| *id).collect();
@@ -496,9 +509,10 @@ async fn cached_right(
             chunk
                 .iter()
                 .filter(|(id, max_id)| {
-                    cached
-                        .get(id)
-                        .is_some_and(|c| c.count == sim.count_of(*max_id))
+                    cached.get(id).is_some_and(|c| {
+                        c.count == sim.count_of(*max_id)
+                            && oldest.is_none_or(|oldest| c.updated_at >= oldest)
+                    })
                 })
                 .map(|(id, _)| *id),
         );
