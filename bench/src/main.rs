@@ -56,13 +56,18 @@ enum Bench {
         )]
         only: Vec<drill::Drill>,
     },
-    /// Soak: the whole deployment under load for minutes while faults are injected in a seeded
-    /// random order, then convergence: every cached count right, nothing pending or lost, the
-    /// MAX rate never exceeded
+    /// Soak: the whole deployment under load for minutes while faults are injected (in a seeded
+    /// random order, or a month's script), then convergence: every cached count right, nothing
+    /// pending, lost or dead-lettered, the MAX rate never exceeded
     Soak {
+        /// faults: random faults in a seeded order; month: a month of a deployment's life
+        /// (chats gone for good, joining and new; rechecks; outages past the redelivery budget;
+        /// answers that are not a chat; lazy backlogs; restarts), compressed into --minutes
+        #[arg(long, value_enum, default_value = "faults")]
+        profile: soak::Profile,
         #[arg(long, default_value_t = 3000)]
         chats: i32,
-        /// Wall minutes of faults
+        /// Wall minutes of faults (of the month, with --profile month)
         #[arg(long, default_value_t = 6.0)]
         minutes: f64,
         /// How many times faster than real time the freshness settings and sweep schedules run
@@ -142,12 +147,14 @@ async fn main() -> anyhow::Result<()> {
         Bench::Drill { only } => drill::run(&only).await?,
         Bench::Shutdown => shutdown::run().await?,
         Bench::Soak {
+            profile,
             chats,
             minutes,
             scale,
             seed,
         } => {
             soak::run(soak::Options {
+                profile,
                 chats,
                 minutes,
                 scale,

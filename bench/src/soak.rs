@@ -1,8 +1,9 @@
 //! `bench soak`: the whole deployment (two `syncd` replicas with stable names, the `api`,
 //! Postgres, Redis with its AOF on, the MAX simulator) under load for several minutes of wall
 //! time with the freshness settings and the sweep schedules compressed `--scale` times (at the
-//! default 60 a 60 s stale threshold stands for the default hour), while faults are injected one
-//! after another in a seeded random order: Redis
+//! default 60 a 60 s stale threshold stands for the default hour). Two profiles:
+//!
+//! `faults` (the default): faults are injected one after another in a seeded random order: Redis
 //! killed (restarted with its data, and emptied), Postgres restarted, a replica killed and
 //! restarted under the same name, MAX 429 storms, 5xx, timeouts, and a phase of 404 for every
 //! chat (a wrong `MAX_API_URL`). Then the faults stop and the soak measures convergence:
@@ -10,6 +11,8 @@
 //! - no stream entry is left pending;
 //! - no manual refresh the api acknowledged (200 or 202) is lost;
 //! - the most MAX calls in any one-second window, against `MAX_API_RPS`.
+//!
+//! `month`: a month of a deployment's life compressed into the run (see `month`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -24,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::drill::{self, block, xorshift, Counters, Sent};
 use crate::stack::{Process, Stack};
 
+mod month;
+
 const RPS: u32 = 100;
 const LATENCY_MS: u64 = 20;
 /// How long convergence may take once the faults stop before the soak says it failed.
@@ -32,6 +37,17 @@ const CONVERGE_BOUND: Duration = Duration::from_secs(240);
 const CLAIM_IDLE: Duration = Duration::from_secs(5);
 /// Deliveries after which syncd dead-letters an entry (`SYNCD_MAX_DELIVERIES`, its default).
 const MAX_DELIVERIES: u32 = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// Random faults in a seeded order, then convergence
+    #[value(alias = "default")]
+    Faults,
+    /// A month of a deployment's life: chats gone for good, chats joining, new chats, rechecks
+    /// coming due, outages longer than the redelivery budget, answers that are not a chat, a
+    /// lazy backlog, replica restarts
+    Month,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
@@ -72,6 +88,7 @@ impl Fault {
 }
 
 pub struct Options {
+    pub profile: Profile,
     pub chats: i32,
     pub minutes: f64,
     /// Time compression of the freshness settings and the sweep schedules.
@@ -169,8 +186,7 @@ fn as_env(env: &[(String, String)]) -> Vec<(&str, &str)> {
 struct Deployment {
     stack: Stack,
     replicas: [(&'static str, Option<Process>); 2],
-    /// Held so that the api lives as long as the deployment.
-    _api: Process,
+    api: Process,
     timing: Timing,
     counters: Arc<Counters>,
     sent: Arc<Mutex<Vec<Sent>>>,
@@ -216,7 +232,7 @@ impl Deployment {
         Ok(Self {
             stack,
             replicas,
-            _api: api,
+            api,
             timing,
             counters,
             sent,
@@ -275,6 +291,13 @@ struct Convergence {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    match options.profile {
+        Profile::Faults => run_faults(options).await,
+        Profile::Month => month::run(options).await,
+    }
+}
+
+async fn run_faults(options: Options) -> anyhow::Result<()> {
     let timing = Timing::scaled(options.scale);
     let mut deployment = Deployment::start(options.chats, SimConfig::default(), timing).await?;
     let started = Instant::now();
