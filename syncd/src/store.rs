@@ -101,11 +101,13 @@ pub async fn any_chat_has_a_count(pool: &PgPool) -> Result<bool, sqlx::Error> {
 /// on the primary key rather than a scan of the table. A deployment with no count yet probes
 /// any chat with a usable MAX id.
 pub async fn probe_chat(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
-    let known_active = "select c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
+    let known_active =
+        "select c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
          where p.chat_id >= $1 and p.sync_status = 'active' \
            and p.participants_updated_at is not null and c.max_chat_id ~ '^-?[0-9]+$' \
          order by p.chat_id limit 1";
-    let any = "select c.max_chat_id from chats c where c.id >= $1 and c.max_chat_id ~ '^-?[0-9]+$' \
+    let any =
+        "select c.max_chat_id from chats c where c.id >= $1 and c.max_chat_id ~ '^-?[0-9]+$' \
          order by c.id limit 1";
     for pick in [known_active, any] {
         let bounds: (Option<i32>, Option<i32>) =

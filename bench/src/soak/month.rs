@@ -301,7 +301,7 @@ impl Month {
             note.push_str(&format!("; {name} restarted 3 s in"));
         }
         while queued.elapsed() < BACKLOG_WAIT {
-            let group = syncd::consumer::group_info(&client, stream).await;
+            let group = syncd::stream::redis::group_info(&client, stream).await;
             if group.pending == Some(0) && group.lag == Some(0) {
                 note.push_str(&format!(
                     "; worked through in {:.0} s",
@@ -311,7 +311,7 @@ impl Month {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let group = syncd::consumer::group_info(&client, stream).await;
+        let group = syncd::stream::redis::group_info(&client, stream).await;
         note.push_str(&format!(
             "; after {} s: {} pending, {} not yet read",
             BACKLOG_WAIT.as_secs(),
