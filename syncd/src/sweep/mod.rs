@@ -43,6 +43,57 @@ pub(super) const SWEEPS_KEPT: Duration = Duration::from_secs(30 * 86_400);
 /// How often a replica looks for sweeps to take over (asked for, or orphaned).
 pub(super) const REQUESTS_EVERY: Duration = Duration::from_secs(2);
 
+/// A loop's failures, logged once per streak: the first as a warning with its cause, the rest
+/// at debug level, and the recovery once.
+struct Streak {
+    what: &'static str,
+    kind: &'static str,
+    failed: u32,
+}
+
+impl Streak {
+    fn new(what: &'static str, kind: &'static str) -> Self {
+        Self {
+            what,
+            kind,
+            failed: 0,
+        }
+    }
+
+    fn note(&mut self, result: anyhow::Result<()>) {
+        match result {
+            Ok(()) if self.failed > 0 => {
+                tracing::info!(
+                    kind = self.kind,
+                    failed = self.failed,
+                    "{} works again",
+                    self.what
+                );
+                self.failed = 0;
+            }
+            Ok(()) => {}
+            Err(error) => {
+                if self.failed == 0 {
+                    tracing::warn!(
+                        kind = self.kind,
+                        error = format!("{error:#}"),
+                        "{} failed; retrying (logged again when it works)",
+                        self.what
+                    );
+                } else {
+                    tracing::debug!(
+                        kind = self.kind,
+                        error = format!("{error:#}"),
+                        "{} still failing",
+                        self.what
+                    );
+                }
+                self.failed += 1;
+            }
+        }
+    }
+}
+
 /// How a sweep reports progress: a bar on a terminal, log lines otherwise.
 pub enum Progress {
     Log,
@@ -150,14 +201,9 @@ impl Sweeper {
         cancel: CancellationToken,
     ) {
         let started = Utc::now();
+        let mut failures = Streak::new("sweep scheduling", kind.as_str());
         while !cancel.is_cancelled() {
-            if let Err(error) = self.run_due_slot(kind, &schedule, started, &cancel).await {
-                tracing::warn!(
-                    kind = kind.as_str(),
-                    error = format!("{error:#}"),
-                    "sweep scheduling failed; retrying"
-                );
-            }
+            failures.note(self.run_due_slot(kind, &schedule, started, &cancel).await);
             let now = Utc::now();
             let until_next = schedule
                 .next_after(now)
@@ -213,13 +259,9 @@ impl Sweeper {
     /// Takes over the sweeps nobody runs: asked for by an admin, handed back by a replica that
     /// stopped, or left by one that died.
     async fn run_requests(self: Arc<Self>, cancel: CancellationToken) {
+        let mut failures = Streak::new("taking over sweeps", "any");
         while !cancel.is_cancelled() {
-            if let Err(error) = self.take_requests(&cancel).await {
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    "taking over sweeps failed; retrying"
-                );
-            }
+            failures.note(self.take_requests(&cancel).await);
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep(REQUESTS_EVERY) => {}
