@@ -254,30 +254,19 @@ impl World {
 
     /// Enqueues lazy refreshes the way the api does.
     pub async fn enqueue_lazy(&self, ids: &[i32]) {
-        let client = self.redis_client().await;
-        shared::refresh::enqueue(
-            &client,
-            shared::refresh::Priority::Lazy,
-            ids,
-            Duration::from_secs(60),
-            None,
-        )
-        .await
-        .unwrap();
+        self.enqueue(shared::refresh::Priority::Lazy, ids).await;
     }
 
     /// Enqueues manual refreshes the way the api's refresh-and-wait does.
     pub async fn enqueue_manual(&self, ids: &[i32]) {
+        self.enqueue(shared::refresh::Priority::Manual, ids).await;
+    }
+
+    async fn enqueue(&self, priority: shared::refresh::Priority, ids: &[i32]) {
         let client = self.redis_client().await;
-        shared::refresh::enqueue(
-            &client,
-            shared::refresh::Priority::Manual,
-            ids,
-            Duration::from_secs(60),
-            None,
-        )
-        .await
-        .unwrap();
+        shared::refresh::enqueue(&client, priority, ids, Duration::from_secs(60), None)
+            .await
+            .unwrap();
     }
 
     /// Asks for a full sweep as the admin endpoint does.

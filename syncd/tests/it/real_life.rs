@@ -134,21 +134,10 @@ async fn a_postgres_outage_longer_than_the_redelivery_budget_loses_no_manual_ref
             "false",
         ])
         .await;
-    let client = world.redis_client().await;
     world.pg.stop();
     let started = chrono::Utc::now();
     // The api accepted these while Postgres was down (it serves from its read model).
-    for id in &ids {
-        shared::refresh::enqueue(
-            &client,
-            shared::refresh::Priority::Manual,
-            &[*id],
-            Duration::from_secs(60),
-            None,
-        )
-        .await
-        .unwrap();
-    }
+    world.enqueue_manual(&ids).await;
     // Twenty times the redelivery budget (claim idle × deliveries).
     tokio::time::sleep(Duration::from_secs(8)).await;
     world.pg.start_again();
