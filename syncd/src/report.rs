@@ -12,7 +12,8 @@ use shared::sweeps::SweepState;
 use crate::config::StatusArgs;
 use crate::stream::redis::{group_info, GroupInfo};
 
-/// Renders the status report.
+/// Renders the status report: the streams, the replicas and MAX, the schedules, the last
+/// sweeps, and the chats by freshness.
 pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     let db = shared::db::pool(&args.database)?;
     let redis = shared::redis::connect(&args.redis)?;
@@ -21,7 +22,17 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
         .await
         .context("cannot reach Redis (REDIS_URL)")?;
     let mut out = String::new();
+    write_streams(&mut out, &redis).await?;
+    write_replicas(&mut out, &redis).await?;
+    write_schedules(&mut out, args)?;
+    write_sweeps(&mut out, &db).await?;
+    write_freshness(&mut out, &db, args).await?;
+    db.close().await;
+    Ok(out)
+}
 
+/// Each stream: length, pending, lag.
+async fn write_streams(out: &mut String, redis: &Client) -> anyhow::Result<()> {
     writeln!(
         out,
         "STREAM                              LENGTH   PENDING  LAG"
@@ -32,7 +43,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
         keys::REFRESH_STREAM_DEAD,
     ] {
         let length: i64 = redis.xlen(stream).await.unwrap_or(0);
-        let GroupInfo { pending, lag } = group_info(&redis, stream).await;
+        let GroupInfo { pending, lag } = group_info(redis, stream).await;
         let name = if stream == keys::REFRESH_STREAM_DEAD {
             format!("{stream} (dead letters)")
         } else {
@@ -45,7 +56,11 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
             show(lag)
         )?;
     }
+    Ok(())
+}
 
+/// Each replica's last heartbeat, and what MAX last said.
+async fn write_replicas(out: &mut String, redis: &Client) -> anyhow::Result<()> {
     let fields: HashMap<String, String> =
         redis.hgetall(keys::SYNCD_STATUS).await.unwrap_or_default();
     let now = Utc::now();
@@ -85,15 +100,24 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
             .map(|t| t.to_rfc3339())
             .unwrap_or_default(),
     )?;
+    Ok(())
+}
 
+/// Each schedule's next run.
+fn write_schedules(out: &mut String, args: &StatusArgs) -> anyhow::Result<()> {
+    let now = Utc::now();
     let schedules = args.schedule.schedules().map_err(anyhow::Error::msg)?;
     writeln!(out, "\nSCHEDULE (next run in the zone, and in UTC)")?;
     for line in schedules.describe(now) {
         writeln!(out, "{line}")?;
     }
+    Ok(())
+}
 
+/// The last sweeps and their progress.
+async fn write_sweeps(out: &mut String, db: &sqlx::PgPool) -> anyhow::Result<()> {
     writeln!(out, "\nSWEEP  SLOT                 BY        STARTED              STATE                         DONE/PLANNED    FAILED   CALLS  COVERAGE")?;
-    let sweeps = shared::sweeps::recent(&db, 8)
+    let sweeps = shared::sweeps::recent(db, 8)
         .await
         .context("cannot read sync_sweeps (DATABASE_URL)")?;
     if sweeps.is_empty() {
@@ -143,10 +167,18 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
             sweep.calls,
         )?;
     }
+    Ok(())
+}
 
+/// Chats by freshness against the stale threshold.
+async fn write_freshness(
+    out: &mut String,
+    db: &sqlx::PgPool,
+    args: &StatusArgs,
+) -> anyhow::Result<()> {
     let stale_s = args.freshness.participants_stale_threshold.as_secs_f64();
     let freshness =
-        crate::store::freshness_buckets(&db, args.freshness.participants_stale_threshold).await?;
+        crate::store::freshness_buckets(db, args.freshness.participants_stale_threshold).await?;
     let total: i64 = freshness.iter().map(|(_, n)| n).sum();
     writeln!(
         out,
@@ -162,8 +194,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
         writeln!(out, "{:<38} {n:>6}  {share:>5.1}%", &bucket[2..])?;
     }
     writeln!(out, "{:<38} {total:>6}", "total")?;
-    db.close().await;
-    Ok(out)
+    Ok(())
 }
 
 fn show(value: Option<i64>) -> String {
