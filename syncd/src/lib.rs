@@ -231,8 +231,11 @@ pub async fn sweep_once(
     let cancel = CancellationToken::new();
     let watcher = {
         let cancel = cancel.clone();
+        let refresher = parts.refresher.clone();
         tokio::spawn(async move {
             shutdown.await;
+            // As in the daemon: no MAX call or retry starts after the signal.
+            refresher.stop();
             cancel.cancel();
         })
     };
@@ -248,7 +251,7 @@ pub async fn sweep_once(
         bar.finish();
     }
     watcher.abort();
-    parts.db.close().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), parts.db.close()).await;
     summary
 }
 

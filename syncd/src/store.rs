@@ -132,6 +132,38 @@ pub async fn probe_chat(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
     Ok(None)
 }
 
+/// A chat to control a suspect answer with: one that last gave a count, not among `suspects`,
+/// picked at random (a random start on the primary key). Its id and MAX id.
+pub async fn control_chat(
+    pool: &PgPool,
+    suspects: &[i32],
+) -> Result<Option<(i32, String)>, sqlx::Error> {
+    let pick =
+        "select c.id, c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
+         where p.chat_id >= $1 and p.sync_status = 'active' and not (p.chat_id = any($2)) \
+           and p.participants_updated_at is not null and c.max_chat_id ~ '^-?[0-9]+$' \
+         order by p.chat_id limit 1";
+    let bounds: (Option<i32>, Option<i32>) = sqlx::query_as("select min(id), max(id) from chats")
+        .fetch_one(pool)
+        .await?;
+    let (Some(low), Some(high)) = bounds else {
+        return Ok(None);
+    };
+    let span = (i64::from(high) - i64::from(low) + 1).max(1);
+    let from = (i64::from(low) + i64::from(rand::random::<u32>()) % span) as i32;
+    for start in [from, low] {
+        let found: Option<(i32, String)> = sqlx::query_as(pick)
+            .bind(start)
+            .bind(suspects)
+            .fetch_optional(pool)
+            .await?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
 /// The next page of a full sweep, in id order after `after_id`.
 pub async fn targets_after(
     pool: &PgPool,
@@ -364,23 +396,6 @@ pub async fn write_failures(pool: &PgPool, failures: &[Failure]) -> Result<(), s
     .execute(pool)
     .await?;
     Ok(())
-}
-
-/// Makes chats marked forbidden or not found within `since` due again (their status back to
-/// active, the last count kept). Returns how many.
-pub async fn restore_unavailable_since(
-    pool: &PgPool,
-    since: std::time::Duration,
-) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "update chat_participants set sync_status = 'active', last_error = null \
-         where sync_status in ('forbidden', 'not_found') \
-           and checked_at > now() - make_interval(secs => $1)",
-    )
-    .bind(since.as_secs_f64())
-    .execute(pool)
-    .await?
-    .rows_affected())
 }
 
 /// Counts reads of chats (one per lazy refresh entry) to weight the stale sweep.

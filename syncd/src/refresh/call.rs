@@ -18,10 +18,6 @@ use super::policy::{CallPolicy, Event, Gate};
 use super::{Outcome, Refresher, Unsettled};
 use crate::store::{self, Target};
 
-/// Passing failures in a row, across chats, from which on a chat's failure is MAX's outage
-/// rather than the chat's: not recorded against the chat, never a reason to dead-letter.
-const OUTAGE_STREAK: u32 = 5;
-
 /// Why `fetch` gave no chat.
 pub(super) enum Fetch {
     /// The process is stopping; nothing was asked.
@@ -34,6 +30,7 @@ pub(super) enum Fetch {
 
 impl Refresher {
     pub(super) async fn refresh_one(&self, target: &Target, urgency: Urgency) -> Outcome {
+        let started = std::time::Instant::now();
         let now = Utc::now();
         let Some(max_id) = target
             .max_chat_id
@@ -74,8 +71,12 @@ impl Refresher {
                 }
             }
             Err(Fetch::Failed(error, asked_at)) => {
+                // The chat's own failure only if MAX answers other calls: seen while this
+                // chat's attempts went on, or shown by a control call to a chat known active.
+                // Otherwise MAX is failing for everyone: its outage.
                 let outage = matches!(error, MaxError::RateLimited)
-                    || self.inner.policy.streak() >= OUTAGE_STREAK;
+                    || (!self.answered_since(started)
+                        && !self.max_answers_others(target.chat_id, urgency).await);
                 Outcome::Failed {
                     reason: if outage {
                         Unsettled::Outage(error.kind())
@@ -91,7 +92,7 @@ impl Refresher {
     /// One chat from MAX, with retries. Returns the chat and the moment the successful call was
     /// made on the fleet's clock (Redis', the write fence), or the last error and when it
     /// happened. No call or retry starts once `stop` was called, and every wait ends then.
-    async fn fetch(
+    pub(super) async fn fetch(
         &self,
         chat_id: MaxChatId,
         urgency: Urgency,
@@ -141,6 +142,7 @@ impl Refresher {
                         self.log(event);
                     }
                     self.end_unusable_streak();
+                    self.note_answered();
                     inner.token.record_success();
                     return Ok((chat, asked_at));
                 }
@@ -213,6 +215,7 @@ impl Refresher {
                     self.log(event);
                 }
                 inner.token.record_chat_unavailable();
+                self.note_answered();
                 false
             }
             MaxError::Unexpected { kind, detail } => {
@@ -229,6 +232,51 @@ impl Refresher {
                 false
             }
         }
+    }
+
+    /// Whether MAX answers a control call to another chat known active now. A failed control
+    /// is remembered for a few seconds, so an outage costs one control call per few seconds,
+    /// not one per failing chat.
+    async fn max_answers_others(&self, chat_id: i32, urgency: Urgency) -> bool {
+        const OUTAGE_MEMORY: std::time::Duration = std::time::Duration::from_secs(5);
+        let recent_outage = self
+            .inner
+            .outage_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < OUTAGE_MEMORY);
+        if recent_outage || self.inner.stopping.is_cancelled() {
+            return false;
+        }
+        let answers = matches!(
+            self.control(&[chat_id], urgency).await,
+            super::Control::MaxGivesChats
+        );
+        if !answers {
+            *self
+                .inner
+                .outage_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        }
+        answers
+    }
+
+    fn note_answered(&self) {
+        *self
+            .inner
+            .last_answer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// Whether MAX answered some call of this process after `since`.
+    fn answered_since(&self, since: std::time::Instant) -> bool {
+        self.inner
+            .last_answer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at > since)
     }
 
     fn end_unusable_streak(&self) {

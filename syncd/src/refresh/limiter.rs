@@ -75,6 +75,13 @@ if now < pause then return {-(pause - now), now, reset} end
 -- means nothing, so the keys never need to expire and a volatile-* eviction policy never
 -- takes them (which would let a burst through, or end a 429 pause early).
 local hold = string.format('%d', now + math.max(interval * 4, 20000))
+-- A hold is at most four slots ahead: one further ahead is insane (a clock step, a failover).
+local sane_hold = now + math.max(interval * 4, 20000) + 1000000
+for _, key in ipairs({KEYS[3], KEYS[4]}) do
+  if tonumber(redis.call('GET', key) or '0') > sane_hold then
+    redis.call('DEL', key); reset = 1
+  end
+end
 local level = ARGV[3]
 if level == '2' then
   redis.call('SET', KEYS[4], hold)

@@ -34,8 +34,6 @@ use max::MaxClient;
 use outcome::{is_bad_answer, Evidence, SYSTEMIC_MIN_ASKED, SYSTEMIC_SHARE, SYSTEMIC_WINDOW};
 use policy::CallPolicy;
 
-/// How far back marks of forbidden/not found are undone when a systemic fault is seen.
-const SYSTEMIC_LOOKBACK: Duration = Duration::from_secs(120);
 /// The most of a MAX answer's detail kept in `last_error`.
 const ERROR_DETAIL_CHARS: usize = 300;
 
@@ -67,6 +65,11 @@ struct Inner {
     /// active, and every chat's answers are evidence about the setup: a wrong MAX_API_URL on
     /// the first day must not mark every chat gone for a week.
     fleet_has_counts: AtomicBool,
+    /// When MAX last answered a call of this process (a chat, or 403/404 for one): a passing
+    /// failure is a chat's own only if MAX answered other calls meanwhile.
+    last_answer: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When a control call last found MAX failing for everyone.
+    outage_seen: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Settings of a `Refresher`.
@@ -100,6 +103,8 @@ impl Refresher {
                 recent_answers: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 unusable_streak: AtomicBool::new(false),
                 fleet_has_counts: AtomicBool::new(false),
+                last_answer: std::sync::Mutex::new(None),
+                outage_seen: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -166,43 +171,89 @@ impl Refresher {
                     self.inner
                         .token
                         .record_systemic(evidence.kind(), affected, latest);
-                    self.restore_recently_marked().await;
                 }
                 self.forget_answers();
                 stopped_here = true;
             }
-            let (bad, rest): (Vec<_>, Vec<_>) = chunk
-                .into_iter()
-                .map(|(chat_id, outcome, _)| (chat_id, outcome))
-                .partition(|(_, o)| is_bad_answer(o));
+            let (bad, rest): (Vec<_>, Vec<_>) =
+                chunk.into_iter().partition(|(_, o, _)| is_bad_answer(o));
+            let rest: Vec<(i32, Outcome)> = rest.into_iter().map(|(id, o, _)| (id, o)).collect();
             self.write(&rest).await?;
             results.extend(rest);
             held.extend(bad);
         }
-        let systemic =
+        let mut systemic =
             stopped_here || evidence.is_systemic() || self.recent_answers_systemic().is_some();
+        // A chat known active that now answers 403/404 or not a chat: believed once MAX gives
+        // another chat known active (a control call), so that the first answers of a fault of
+        // the setup mark nothing.
+        let suspects: Vec<i32> = held
+            .iter()
+            .filter(|(_, _, evidence)| *evidence)
+            .map(|(id, _, _)| *id)
+            .collect();
+        let mut unconfirmed = false;
+        if !systemic && !suspects.is_empty() {
+            match self.control(&suspects, urgency).await {
+                Control::MaxGivesChats => {}
+                Control::MaxGivesNone => systemic = true,
+                Control::Unknown => unconfirmed = true,
+            }
+        }
+        let mut held: Vec<(i32, Outcome)> = held.into_iter().map(|(id, o, _)| (id, o)).collect();
         if systemic && !held.is_empty() {
             let kind = evidence.kind();
-            let was_running = self.inner.token.reported_valid();
-            self.inner
-                .token
-                .record_systemic(kind, evidence.bad, evidence.asked);
+            self.inner.token.record_systemic(
+                kind,
+                evidence.bad.max(suspects.len()),
+                evidence.asked.max(suspects.len()),
+            );
             self.forget_answers();
-            if was_running {
-                self.restore_recently_marked().await;
-            }
-            for (_, outcome) in &mut held {
-                let asked_at = outcome.asked_at().unwrap_or_else(Utc::now);
-                *outcome = Outcome::Failed {
-                    reason: Unsettled::Systemic(kind.to_owned()),
-                    asked_at,
-                };
-            }
+            settle_as(&mut held, |_| true, || Unsettled::Systemic(kind.to_owned()));
         } else {
+            if unconfirmed {
+                settle_as(
+                    &mut held,
+                    |id| suspects.contains(&id),
+                    || Unsettled::Unconfirmed,
+                );
+            }
             self.write(&held).await?;
         }
         results.extend(held);
         Ok(results)
+    }
+
+    /// Asks MAX about up to two chats known active other than `suspects` (picked at random):
+    /// whether MAX gives chats, none, or cannot tell (no such chat, MAX failing, stopping).
+    pub(super) async fn control(&self, suspects: &[i32], urgency: Urgency) -> Control {
+        let mut bad = 0;
+        for _ in 0..2 {
+            let Ok(Some((chat_id, max_id))) = store::control_chat(&self.inner.db, suspects).await
+            else {
+                return Control::Unknown;
+            };
+            let Ok(max_id) = shared::ids::MaxChatId::parse(&max_id) else {
+                return Control::Unknown;
+            };
+            match self.fetch(max_id, urgency).await {
+                Ok((chat, _)) if chat.is_active() => return Control::MaxGivesChats,
+                Ok(_)
+                | Err(call::Fetch::Failed(
+                    max::MaxError::ChatUnavailable(_) | max::MaxError::Unexpected { .. },
+                    _,
+                )) => {
+                    tracing::debug!(chat.id = chat_id, "the control chat gave no count either");
+                    bad += 1;
+                }
+                Err(_) => return Control::Unknown,
+            }
+        }
+        if bad == 2 {
+            Control::MaxGivesNone
+        } else {
+            Control::Unknown
+        }
     }
 
     /// Whether some chat ever gave a count (asked of Postgres until one has, then remembered).
@@ -240,22 +291,6 @@ impl Refresher {
             }
         }
         self.recent_answers_systemic()
-    }
-
-    /// A systemic fault is seen only after some answers: chats marked forbidden or not found
-    /// just before it was (a refresh of a chat or two, before the latest answers added up) are
-    /// made due again, so that they are not skipped for `PARTICIPANTS_INACTIVE_RECHECK`.
-    async fn restore_recently_marked(&self) {
-        match store::restore_unavailable_since(&self.inner.db, SYSTEMIC_LOOKBACK).await {
-            Ok(0) => {}
-            Ok(restored) => tracing::warn!(
-                restored,
-                "chats marked unavailable just before the fault was seen are due again"
-            ),
-            Err(error) => {
-                tracing::warn!(error = %error, "could not restore chats marked during the fault")
-            }
-        }
     }
 
     /// Drops the latest answers once they have stopped the calls: when calls resume, only
@@ -336,5 +371,28 @@ impl Refresher {
         }
         store::write_failures(&inner.db, &failures).await?;
         Ok(())
+    }
+}
+
+/// What a control call said about MAX.
+pub(super) enum Control {
+    MaxGivesChats,
+    MaxGivesNone,
+    Unknown,
+}
+
+/// Turns the outcomes of the chats `which` picks into failures of `reason`, keeping when asked.
+fn settle_as(
+    outcomes: &mut [(i32, Outcome)],
+    which: impl Fn(i32) -> bool,
+    reason: impl Fn() -> Unsettled,
+) {
+    for (id, outcome) in outcomes.iter_mut().filter(|(id, _)| which(*id)) {
+        let _ = id;
+        let asked_at = outcome.asked_at().unwrap_or_else(Utc::now);
+        *outcome = Outcome::Failed {
+            reason: reason(),
+            asked_at,
+        };
     }
 }

@@ -63,6 +63,9 @@ pub enum Unsettled {
     Unusable { kind: &'static str, detail: String },
     /// Not asked: Redis, which holds the fleet's rate limit, could not be reached.
     LimiterUnavailable,
+    /// A chat known active answered 403/404 or not a chat, and no control call could tell
+    /// whether MAX gives other chats: nothing is recorded; it is asked again later.
+    Unconfirmed,
     /// Not asked: the caller stopped the refresh (a sweep handing its work back).
     Stopped,
     /// Not asked: this process is shutting down.
@@ -85,6 +88,7 @@ impl std::fmt::Display for Unsettled {
             Unsettled::Max(kind) | Unsettled::Outage(kind) => f.write_str(kind),
             Unsettled::Unusable { kind, detail } => write!(f, "{kind}: {detail}"),
             Unsettled::LimiterUnavailable => f.write_str("limiter_unavailable"),
+            Unsettled::Unconfirmed => f.write_str("unconfirmed"),
             Unsettled::Stopped => f.write_str("stopped"),
             Unsettled::ShuttingDown => f.write_str("shutting_down"),
             Unsettled::Systemic(status) => write!(f, "systemic_{status}"),
@@ -105,6 +109,7 @@ impl Outcome {
                     Unsettled::Max(_)
                         | Unsettled::Outage(_)
                         | Unsettled::Unusable { .. }
+                        | Unsettled::Unconfirmed
                         | Unsettled::Systemic(_)
                 )
             }

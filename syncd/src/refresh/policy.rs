@@ -85,11 +85,6 @@ impl CallPolicy {
         }
     }
 
-    /// Passing failures since MAX last answered (any replica's call of this process).
-    pub fn streak(&self) -> u32 {
-        self.state().streak
-    }
-
     /// MAX gave an answer that is not a passing failure.
     pub fn on_success(&self) -> Option<Event> {
         let mut state = self.state();

@@ -496,7 +496,11 @@ impl Consumer {
             let _: Result<i64, _> = self.redis.del(markers).await;
         }
         let acked = redis::ack(&self.redis, lane.stream, acks).await?;
-        for outcome in settled.into_values().filter_map(|s| s.outcome) {
+        for outcome in settled
+            .into_values()
+            .filter(|s| s.publish)
+            .filter_map(|s| s.outcome)
+        {
             if let Ok(text) = serde_json::to_string(&outcome) {
                 let _: Result<i64, _> = self
                     .redis
@@ -588,6 +592,7 @@ fn settled_by(chat_id: i32, outcome: &Outcome) -> Option<Settled> {
         }),
         from_store: false,
         left_alone: false,
+        publish: true,
     })
 }
 
@@ -607,6 +612,7 @@ fn held_by(outcomes: &[(i32, Outcome)]) -> Option<&'static str> {
         };
         match reason {
             Unsettled::Outage(kind) => outage = Some(*kind),
+            Unsettled::Unconfirmed => outage = Some("unconfirmed: no control answer from MAX"),
             Unsettled::LimiterUnavailable => {
                 return Some("the rate limiter's Redis is unreachable")
             }

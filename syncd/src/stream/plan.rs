@@ -39,6 +39,10 @@ pub struct Settled {
     /// Left alone for now (backing off, unavailable until its recheck): its dedup marker stays
     /// until it expires, so that every read does not enqueue it again.
     pub left_alone: bool,
+    /// Published to refresh-and-wait requests: only a count that MAX gave after the request
+    /// was made is an answer to one (a refresh since, or this batch's own call), never a
+    /// count kept from before, nor a chat left alone.
+    pub publish: bool,
 }
 
 impl Settled {
@@ -47,6 +51,7 @@ impl Settled {
             outcome: Some(outcome_of(target, error)),
             from_store: error.is_none(),
             left_alone,
+            publish: false,
         }
     }
 }
@@ -90,6 +95,7 @@ pub fn plan(
                     outcome: None,
                     from_store: false,
                     left_alone: false,
+                    publish: false,
                 },
             );
             continue;
@@ -114,7 +120,9 @@ pub fn plan(
             settled.insert(*chat_id, Settled::of(target, Some("backing_off"), true));
         } else if refreshed_since || (!manual && still_fresh) {
             // Someone refreshed it after this was asked: no MAX call needed.
-            settled.insert(*chat_id, Settled::of(target, None, false));
+            let mut done = Settled::of(target, None, false);
+            done.publish = refreshed_since;
+            settled.insert(*chat_id, done);
         } else {
             let mut target = target.clone();
             target.traceparent = requests

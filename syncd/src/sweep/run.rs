@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{How, Progress, Summary, Sweeper, LEASE, SWEEPS_KEPT};
 use crate::refresh::limiter::Urgency;
+use crate::refresh::Outcome;
 use crate::store::{self, Sweep, Target};
 
 /// What does not change while a sweep runs.
@@ -195,6 +196,20 @@ impl Sweeper {
                 .inc();
             anyhow::bail!(
                 "MAX calls stopped (see the error before this); the sweep stopped at {} of {} and resumes there",
+                sweep.done,
+                plan.planned
+            );
+        }
+        let outage = !outcomes.is_empty()
+            && outcomes.iter().all(
+                |(_, o)| matches!(o, Outcome::Failed { reason, .. } if !reason.is_the_chats()),
+            );
+        if outage {
+            // No chat of the page got an answer: MAX is failing for everyone or the limiter's
+            // Redis is down. The page is not counted as done; the sweep resumes at its start.
+            store::release_sweep(&self.db, sweep, &self.owner).await?;
+            anyhow::bail!(
+                "no chat of the sweep's page got an answer (MAX or Redis unavailable); the sweep stopped at {} of {} and resumes there",
                 sweep.done,
                 plan.planned
             );

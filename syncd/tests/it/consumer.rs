@@ -192,6 +192,9 @@ async fn an_entry_whose_own_chat_keeps_failing_is_dead_lettered_after_max_delive
     let world = World::new(SimConfig::default()).await;
     let ids = world.insert_chats(3).await;
     // MAX answers the other chats; this one fails every time: the failures are its own.
+    syncd::refresh_once(world.refresh_args(&ids[1..]))
+        .await
+        .unwrap();
     world.sim.override_chat(
         World::max_id(1),
         maxsim::ChatOverride {
@@ -226,9 +229,11 @@ async fn an_entry_whose_own_chat_keeps_failing_is_dead_lettered_after_max_delive
     )
     .await;
     assert_eq!(world.pending(keys::REFRESH_STREAM_MANUAL).await, 0);
+    // One call per delivery; the first, in a batch with the others before any chat had a
+    // count to control it with, may not count as the chat's own.
     let calls = world.max_calls(1);
     assert!(
-        (2..=3).contains(&calls),
+        (2..=4).contains(&calls),
         "one call per delivery, saw {calls}"
     );
     replica.stop().await.unwrap();

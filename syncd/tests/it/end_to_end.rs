@@ -163,7 +163,11 @@ async fn refresh_and_wait_returns_the_count_max_gave() {
 #[tokio::test]
 async fn refresh_and_wait_says_when_max_found_the_chat_unavailable() {
     let world = World::new(SimConfig::default()).await;
-    let ids = world.insert_chats(2).await;
+    let ids = world.insert_chats(3).await;
+    // A chat that gives a count: the deployment has counts, and a control call can be made.
+    syncd::refresh_once(world.refresh_args(&ids[2..]))
+        .await
+        .unwrap();
     world.sim.override_chat(
         World::max_id(1),
         maxsim::ChatOverride {

@@ -123,7 +123,12 @@ async fn a_replica_restarted_under_its_name_does_not_loop_on_its_own_failing_ent
         ..SimConfig::default()
     })
     .await;
-    let ids = world.insert_chats(1).await;
+    let ids = world.insert_chats(2).await;
+    // The other chat gives a count: MAX answers, so this one's failures are its own.
+    syncd::refresh_once(world.refresh_args(&ids[1..]))
+        .await
+        .unwrap();
+    let ids = &ids[..1];
     world.sim.override_chat(
         World::max_id(1),
         ChatOverride {
@@ -147,7 +152,7 @@ async fn a_replica_restarted_under_its_name_does_not_loop_on_its_own_failing_ent
     let replica = world.replica(&flags).await;
     // A manual refresh, which always asks MAX (a lazy one is left alone while the chat's
     // own failures back it off).
-    world.enqueue_manual(&ids).await;
+    world.enqueue_manual(ids).await;
     eventually(Duration::from_secs(10), "the entry failed once", || async {
         world.max_calls(1) >= 1 && world.pending(keys::REFRESH_STREAM_MANUAL).await == 1
     })
@@ -377,6 +382,10 @@ async fn a_chat_whose_answers_keep_failing_backs_off_instead_of_taking_every_rea
     })
     .await;
     let ids = world.insert_chats(2).await;
+    // The other chat gives a count: MAX answers, so chat 1's failures are its own.
+    syncd::refresh_once(world.refresh_args(&ids[1..]))
+        .await
+        .unwrap();
     world.sim.override_chat(
         World::max_id(1),
         ChatOverride {
@@ -444,9 +453,10 @@ async fn a_wrong_max_url_marks_no_chat_unavailable_and_stops_the_calls() {
             },
         );
     }
-    // A refresh of one chat cannot tell a fault of the setup from a chat gone: it is marked.
+    // A refresh of one chat cannot tell a fault of the setup from a chat gone, and no chat
+    // has a count to control it with yet: nothing is marked.
     let lines = syncd::refresh_once(world.refresh_args(&[1])).await.unwrap();
-    assert!(lines[0].contains("not_found"), "{lines:?}");
+    assert!(lines[0].contains("failed"), "{lines:?}");
     let args = world.sweep_args(&["--full", "--participants-batch-size", "20"]);
     let result = syncd::sweep_once(args, std::future::pending()).await;
     assert!(result.is_err(), "the sweep stops: {result:?}");

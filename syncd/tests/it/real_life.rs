@@ -492,3 +492,184 @@ async fn a_limiter_time_far_ahead_of_the_redis_clock_is_reset_instead_of_stallin
         "{lines:?}"
     );
 }
+
+#[tokio::test]
+async fn a_fault_of_the_setup_during_a_recheck_wave_leaves_the_gone_chats_gone() {
+    let world = World::new(SimConfig {
+        rate_limit: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(120).await;
+    let args = |extra: &[&str]| {
+        let mut flags = vec!["--max-api-rps", "200", "--participants-batch-size", "20"];
+        flags.extend(extra);
+        world.sweep_args(&flags)
+    };
+    syncd::sweep_once(args(&["--full"]), std::future::pending())
+        .await
+        .unwrap();
+    // Chats 1..60 are gone for good and were just rechecked and marked so.
+    for i in 1..=60 {
+        world.sim.override_chat(World::max_id(i), gone(404));
+    }
+    sqlx::query(
+        "update chat_participants set sync_status = 'not_found', checked_at = now(), \
+         participants_updated_at = now() - interval '3 days' where chat_id <= 60",
+    )
+    .execute(&world.db)
+    .await
+    .unwrap();
+    // Then a short phase of answers that are not chats: a fault of the setup.
+    let not_a_chat = ChatOverride {
+        participants_count: Some(-1),
+        ..ChatOverride::default()
+    };
+    for i in 61..=80 {
+        world
+            .sim
+            .override_chat(World::max_id(i), not_a_chat.clone());
+    }
+    syncd::refresh_once(world.refresh_args(&ids[60..80]))
+        .await
+        .unwrap();
+    for i in 61..=80 {
+        world
+            .sim
+            .override_chat(World::max_id(i), ChatOverride::default());
+    }
+    sqlx::query(
+        "update chat_participants set participants_updated_at = now() - interval '3 hours' \
+         where chat_id > 60",
+    )
+    .execute(&world.db)
+    .await
+    .unwrap();
+    let started = chrono::Utc::now();
+    let summary = syncd::sweep_once(args(&["--stale"]), std::future::pending())
+        .await
+        .expect("the gone chats were left gone: they cannot stop the fleet");
+    assert!(summary.finished, "{summary:?}");
+    assert_eq!(refreshed_since(&world, &ids[60..], started).await, 60);
+    let gone: i64 = sqlx::query_scalar(
+        "select count(*) from chat_participants where chat_id <= 60 and sync_status = 'not_found'",
+    )
+    .fetch_one(&world.db)
+    .await
+    .unwrap();
+    assert_eq!(gone, 60);
+}
+
+#[tokio::test]
+async fn a_max_outage_seen_by_a_quiet_replica_is_not_recorded_against_its_chat() {
+    let world = World::new(SimConfig {
+        rate_limit: 0,
+        error_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(1).await;
+    // Retries as by default (3): more attempts in one round than any streak threshold.
+    let replica = world
+        .replica(&[
+            "--claim-idle",
+            "200ms",
+            "--max-deliveries",
+            "2",
+            "--participants-enable-background-sync",
+            "false",
+        ])
+        .await;
+    world.enqueue_manual(&ids).await;
+    eventually(
+        Duration::from_secs(20),
+        "MAX asked again and again",
+        || async { world.sim.stats().requests >= 12 },
+    )
+    .await;
+    assert_eq!(dead_letters(&world).await, 0);
+    let failures: Option<i32> =
+        sqlx::query_scalar("select consecutive_failures from chat_participants where chat_id = $1")
+            .bind(ids[0])
+            .fetch_optional(&world.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        failures.unwrap_or(0),
+        0,
+        "MAX failed for everyone: not the chat's failure"
+    );
+    world.sim.update(|config| config.error_rate = 0.0);
+    eventually(Duration::from_secs(60), "done after the outage", || async {
+        world.refreshed().await == 1
+    })
+    .await;
+    replica.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_insane_manual_hold_does_not_stall_lazy_refreshes() {
+    let world = World::new(SimConfig {
+        rate_limit: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = world.insert_chats(5).await;
+    let client = world.redis_client().await;
+    let time: Vec<String> = client
+        .custom(fred::cmd!("TIME"), Vec::<String>::new())
+        .await
+        .unwrap();
+    let now_us: i64 = time[0].parse::<i64>().unwrap() * 1_000_000 + time[1].parse::<i64>().unwrap();
+    let ahead = (now_us + 3_600_000_000).to_string();
+    for key in [keys::LIMITER_MANUAL, keys::LIMITER_URGENT] {
+        let _: () = client
+            .set(key, ahead.as_str(), None, None, false)
+            .await
+            .unwrap();
+    }
+    let replica = world
+        .replica(&["--participants-enable-background-sync", "false"])
+        .await;
+    world.enqueue_lazy(&ids).await;
+    eventually(
+        Duration::from_secs(20),
+        "the lazy refreshes done",
+        || async { world.refreshed().await == 5 },
+    )
+    .await;
+    replica.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn syncd_sweep_starts_no_max_call_after_sigterm() {
+    let world = World::new(SimConfig {
+        rate_limit: 0,
+        error_rate: 1.0,
+        latency_ms: 150,
+        ..SimConfig::default()
+    })
+    .await;
+    world.insert_chats(40).await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let sweep = tokio::spawn(syncd::sweep_once(
+        world.sweep_args(&["--full", "--participants-max-retries", "5"]),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    eventually(Duration::from_secs(10), "MAX is being called", || async {
+        world.sim.stats().requests >= 20
+    })
+    .await;
+    let _ = tx.send(());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at_signal = world.sim.stats().requests;
+    let _ = sweep.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        world.sim.stats().requests,
+        at_signal,
+        "MAX calls after the signal"
+    );
+}
