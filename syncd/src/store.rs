@@ -96,53 +96,25 @@ pub async fn any_chat_has_a_count(pool: &PgPool) -> Result<bool, sqlx::Error> {
     .await
 }
 
-/// A chat to probe MAX with while calls are stopped: one that last gave a count, picked at
-/// random each time (so that one chat gone since cannot keep calls stopped), by a random start
-/// on the primary key rather than a scan of the table. A deployment with no count yet probes
-/// any chat with a usable MAX id.
-pub async fn probe_chat(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
-    let known_active =
-        "select c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
-         where p.chat_id >= $1 and p.sync_status = 'active' \
-           and p.participants_updated_at is not null and c.max_chat_id ~ '^-?[0-9]+$' \
-         order by p.chat_id limit 1";
-    let any =
-        "select c.max_chat_id from chats c where c.id >= $1 and c.max_chat_id ~ '^-?[0-9]+$' \
-         order by c.id limit 1";
-    for pick in [known_active, any] {
-        let bounds: (Option<i32>, Option<i32>) =
-            sqlx::query_as("select min(id), max(id) from chats")
-                .fetch_one(pool)
-                .await?;
-        let (Some(low), Some(high)) = bounds else {
-            return Ok(None);
-        };
-        let span = (i64::from(high) - i64::from(low) + 1).max(1);
-        let from = (i64::from(low) + i64::from(rand::random::<u32>()) % span) as i32;
-        for start in [from, low] {
-            let found: Option<String> = sqlx::query_scalar(pick)
-                .bind(start)
-                .fetch_optional(pool)
-                .await?;
-            if found.is_some() {
-                return Ok(found);
-            }
-        }
-    }
-    Ok(None)
-}
+/// A chat that last gave a count, not among `excluded`, with a usable MAX id (`$1` a start on
+/// the primary key, `$2` the excluded ids).
+const KNOWN_ACTIVE_FROM: &str =
+    "select c.id, c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
+     where p.chat_id >= $1 and p.sync_status = 'active' and not (p.chat_id = any($2)) \
+       and p.participants_updated_at is not null and c.max_chat_id ~ '^-?[0-9]+$' \
+     order by p.chat_id limit 1";
+/// Any chat with a usable MAX id, not among `excluded`.
+const ANY_FROM: &str = "select c.id, c.max_chat_id from chats c \
+     where c.id >= $1 and not (c.id = any($2)) and c.max_chat_id ~ '^-?[0-9]+$' \
+     order by c.id limit 1";
 
-/// A chat to control a suspect answer with: one that last gave a count, not among `suspects`,
-/// picked at random (a random start on the primary key). Its id and MAX id.
-pub async fn control_chat(
+/// The first chat `pick` finds from a random start on the primary key (or, past the last,
+/// from the first): a random choice without a scan of the table. Its id and MAX id.
+async fn pick_at_random(
     pool: &PgPool,
-    suspects: &[i32],
+    pick: &str,
+    excluded: &[i32],
 ) -> Result<Option<(i32, String)>, sqlx::Error> {
-    let pick =
-        "select c.id, c.max_chat_id from chat_participants p join chats c on c.id = p.chat_id \
-         where p.chat_id >= $1 and p.sync_status = 'active' and not (p.chat_id = any($2)) \
-           and p.participants_updated_at is not null and c.max_chat_id ~ '^-?[0-9]+$' \
-         order by p.chat_id limit 1";
     let bounds: (Option<i32>, Option<i32>) = sqlx::query_as("select min(id), max(id) from chats")
         .fetch_one(pool)
         .await?;
@@ -154,7 +126,7 @@ pub async fn control_chat(
     for start in [from, low] {
         let found: Option<(i32, String)> = sqlx::query_as(pick)
             .bind(start)
-            .bind(suspects)
+            .bind(excluded)
             .fetch_optional(pool)
             .await?;
         if found.is_some() {
@@ -162,6 +134,27 @@ pub async fn control_chat(
         }
     }
     Ok(None)
+}
+
+/// A chat to probe MAX with while calls are stopped: one that last gave a count, picked at
+/// random each time (so that one chat gone since cannot keep calls stopped). A deployment with
+/// no count yet probes any chat with a usable MAX id.
+pub async fn probe_chat(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
+    for pick in [KNOWN_ACTIVE_FROM, ANY_FROM] {
+        if let Some((_, max_id)) = pick_at_random(pool, pick, &[]).await? {
+            return Ok(Some(max_id));
+        }
+    }
+    Ok(None)
+}
+
+/// A chat to control a suspect answer with: one that last gave a count, not among `suspects`,
+/// picked at random. Its id and MAX id.
+pub async fn control_chat(
+    pool: &PgPool,
+    suspects: &[i32],
+) -> Result<Option<(i32, String)>, sqlx::Error> {
+    pick_at_random(pool, KNOWN_ACTIVE_FROM, suspects).await
 }
 
 /// The next page of a full sweep, in id order after `after_id`.

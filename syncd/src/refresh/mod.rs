@@ -381,14 +381,14 @@ pub(super) enum Control {
     Unknown,
 }
 
-/// Turns the outcomes of the chats `which` picks into failures of `reason`, keeping when asked.
+/// Turns the outcomes of the chats `which` picks into failures of `reason`, keeping when MAX
+/// was asked.
 fn settle_as(
     outcomes: &mut [(i32, Outcome)],
     which: impl Fn(i32) -> bool,
     reason: impl Fn() -> Unsettled,
 ) {
-    for (id, outcome) in outcomes.iter_mut().filter(|(id, _)| which(*id)) {
-        let _ = id;
+    for (_, outcome) in outcomes.iter_mut().filter(|(id, _)| which(*id)) {
         let asked_at = outcome.asked_at().unwrap_or_else(Utc::now);
         *outcome = Outcome::Failed {
             reason: reason(),
