@@ -285,7 +285,7 @@ impl Consumer {
                 redis::delivery_counts(&self.redis, &self.name, lane.stream, &claimed).await?;
             self.process(lane, claimed, &deliveries).await?
         };
-        self.report_stream_gauges().await;
+        self.report_stream_gauges(lane.stream).await;
         Ok(round)
     }
 
@@ -546,28 +546,27 @@ impl Consumer {
         }
     }
 
-    /// Length, pending and lag of each stream, and the dead-letter count, as gauges.
-    async fn report_stream_gauges(&self) {
-        for stream in [keys::REFRESH_STREAM_MANUAL, keys::REFRESH_STREAM_LAZY] {
-            if let Ok(len) = self.redis.xlen::<i64, _>(stream).await {
-                self.metrics
-                    .stream_length
-                    .with_label_values(&[stream])
-                    .set(len);
-            }
-            let info = redis::group_info(&self.redis, stream).await;
-            if let Some(pending) = info.pending {
-                self.metrics
-                    .stream_pending
-                    .with_label_values(&[stream])
-                    .set(pending);
-            }
-            if let Some(lag) = info.lag {
-                self.metrics
-                    .stream_lag
-                    .with_label_values(&[stream])
-                    .set(lag);
-            }
+    /// Length, pending and lag of the lane's stream (each lane reports its own), and the
+    /// dead-letter count, as gauges.
+    async fn report_stream_gauges(&self, stream: &str) {
+        if let Ok(len) = self.redis.xlen::<i64, _>(stream).await {
+            self.metrics
+                .stream_length
+                .with_label_values(&[stream])
+                .set(len);
+        }
+        let info = redis::group_info(&self.redis, stream).await;
+        if let Some(pending) = info.pending {
+            self.metrics
+                .stream_pending
+                .with_label_values(&[stream])
+                .set(pending);
+        }
+        if let Some(lag) = info.lag {
+            self.metrics
+                .stream_lag
+                .with_label_values(&[stream])
+                .set(lag);
         }
         if let Ok(len) = self.redis.xlen::<i64, _>(keys::REFRESH_STREAM_DEAD).await {
             self.metrics.dead_letters.set(len);
