@@ -176,11 +176,7 @@ async fn malformed_entries_go_to_the_dead_letter_stream() {
         .replica(&["--participants-enable-background-sync", "false"])
         .await;
     eventually(Duration::from_secs(20), "dead-lettered", || async {
-        client
-            .xlen::<i64, _>(keys::REFRESH_STREAM_DEAD)
-            .await
-            .unwrap()
-            == 1
+        world.dead_letters().await == 1
     })
     .await;
     assert_eq!(world.pending(keys::REFRESH_STREAM_LAZY).await, 0);
@@ -215,17 +211,10 @@ async fn an_entry_whose_own_chat_keeps_failing_is_dead_lettered_after_max_delive
             "false",
         ])
         .await;
-    let client = world.redis_client().await;
     eventually(
         Duration::from_secs(30),
         "dead-lettered after retries",
-        || async {
-            client
-                .xlen::<i64, _>(keys::REFRESH_STREAM_DEAD)
-                .await
-                .unwrap()
-                == 1
-        },
+        || async { world.dead_letters().await == 1 },
     )
     .await;
     assert_eq!(world.pending(keys::REFRESH_STREAM_MANUAL).await, 0);

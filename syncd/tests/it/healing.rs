@@ -179,17 +179,10 @@ async fn a_replica_restarted_under_its_name_does_not_loop_on_its_own_failing_ent
     .await;
     replica.stop().await.unwrap();
     let replica = world.replica(&flags).await;
-    let client = world.redis_client().await;
     eventually(
         Duration::from_secs(20),
         "the entry dead-lettered",
-        || async {
-            client
-                .xlen::<i64, _>(keys::REFRESH_STREAM_DEAD)
-                .await
-                .unwrap()
-                == 1
-        },
+        || async { world.dead_letters().await == 1 },
     )
     .await;
     replica.stop().await.unwrap();

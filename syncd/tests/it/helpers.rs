@@ -297,6 +297,15 @@ impl World {
         .unwrap()
     }
 
+    /// Entries in the dead-letter stream.
+    pub async fn dead_letters(&self) -> i64 {
+        self.redis_client()
+            .await
+            .xlen(shared::keys::REFRESH_STREAM_DEAD)
+            .await
+            .unwrap()
+    }
+
     pub async fn pending(&self, stream: &str) -> i64 {
         let client = self.redis_client().await;
         let reply: Value = client

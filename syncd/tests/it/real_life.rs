@@ -18,15 +18,6 @@ fn gone(status: u16) -> ChatOverride {
     }
 }
 
-async fn dead_letters(world: &World) -> i64 {
-    world
-        .redis_client()
-        .await
-        .xlen(keys::REFRESH_STREAM_DEAD)
-        .await
-        .unwrap()
-}
-
 async fn refreshed_since(world: &World, ids: &[i32], since: chrono::DateTime<chrono::Utc>) -> i64 {
     sqlx::query_scalar(
         "select count(*) from chat_participants where chat_id = any($1) \
@@ -158,7 +149,7 @@ async fn a_postgres_outage_longer_than_the_redelivery_budget_loses_no_manual_ref
     )
     .await;
     assert_eq!(
-        dead_letters(&world).await,
+        world.dead_letters().await,
         0,
         "an outage dead-letters nothing"
     );
@@ -202,7 +193,7 @@ async fn a_max_outage_dead_letters_nothing_and_the_refreshes_are_done_after_it()
     )
     .await;
     assert_eq!(
-        dead_letters(&world).await,
+        world.dead_letters().await,
         0,
         "an outage dead-letters nothing"
     );
@@ -242,7 +233,7 @@ async fn a_chat_whose_answer_is_never_a_chat_is_dead_lettered_for_its_own_failur
     eventually(
         Duration::from_secs(30),
         "the bad chat dead-lettered",
-        || async { dead_letters(&world).await == 1 },
+        || async { world.dead_letters().await == 1 },
     )
     .await;
     let entry: Vec<(String, std::collections::HashMap<String, String>)> = world
@@ -319,7 +310,7 @@ async fn answers_that_are_not_chats_are_failures_shown_in_the_status_and_stop_th
         before, after,
         "no count was taken from an answer that is not a chat"
     );
-    assert_eq!(dead_letters(&world).await, 0);
+    assert_eq!(world.dead_letters().await, 0);
     assert_eq!(
         world.pending(keys::REFRESH_STREAM_MANUAL).await,
         30,
@@ -407,7 +398,7 @@ async fn after_sigterm_no_new_max_call_or_retry_starts_while_max_is_down() {
         at_signal,
         "MAX calls or retries started after the signal"
     );
-    assert_eq!(dead_letters(&world).await, 0);
+    assert_eq!(world.dead_letters().await, 0);
 }
 
 #[tokio::test]
@@ -587,7 +578,7 @@ async fn a_max_outage_seen_by_a_quiet_replica_is_not_recorded_against_its_chat()
         || async { world.sim.stats().requests >= 12 },
     )
     .await;
-    assert_eq!(dead_letters(&world).await, 0);
+    assert_eq!(world.dead_letters().await, 0);
     let failures: Option<i32> =
         sqlx::query_scalar("select consecutive_failures from chat_participants where chat_id = $1")
             .bind(ids[0])
