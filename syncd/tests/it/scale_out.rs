@@ -210,13 +210,23 @@ async fn a_sentinel_failover_under_load_loses_nothing_the_api_acknowledged() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The old master comes back empty; the sentinels make it a replica of the new one. They
-    // wait until it has reported the wrong role for 4 publish periods (8 s), and ask its role
-    // every 10 s: 30 s was not always enough on a loaded 2-core machine (seen once in CI).
+    // wait until it has reported the wrong role for 4 publish periods (8 s) and ask its role
+    // every 10 s, but on a loaded 2-core machine a sentinel whose timer runs late enters TILT
+    // mode and does nothing for 30 s at a time (seen in CI: not converted after 90 s). What
+    // this test checks is our service, not the sentinels' timing: after 20 s it does what
+    // an operator would and points the old master at the new one itself.
     sentinel.master.restart();
     let started = std::time::Instant::now();
+    let mut pointed_by_hand = false;
     while !redis_cli(promoted, &["info", "replication"]).contains("connected_slaves:1") {
+        if !pointed_by_hand && started.elapsed() > Duration::from_secs(20) {
+            let old = sentinel.master.port();
+            let reply = redis_cli(old, &["replicaof", "127.0.0.1", &promoted.to_string()]);
+            eprintln!("the sentinels had not converted the old master after 20 s: {reply}");
+            pointed_by_hand = true;
+        }
         assert!(
-            started.elapsed() < Duration::from_secs(90),
+            started.elapsed() < Duration::from_secs(60),
             "the old master did not rejoin as a replica"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
