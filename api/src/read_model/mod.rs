@@ -20,6 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 pub mod postgres;
+pub mod query;
 pub mod search;
 pub mod sync;
 
@@ -27,8 +28,8 @@ pub use postgres::ChatRecord;
 use postgres::{LoadedRow, RowVersion};
 use search::{Lowercase, MatchCache, MatchSet, TrigramIndex};
 
-use crate::read_path::query::{ListQuery, SortColumn, SortOrder};
 use crate::scope::Scope;
+use query::{ListQuery, SortColumn, SortOrder};
 
 /// The read model as handlers see it: empty until the first load, then always answering.
 #[derive(Default)]

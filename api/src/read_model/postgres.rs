@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use crate::read_path::query::SortColumn;
+use super::query::SortColumn;
 
 /// The channel the triggers of migrations/20261202000001_create_chat_change_notify.sql notify.
 pub const CHANGES_CHANNEL: &str = "participants_chats_changed";

@@ -16,10 +16,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::postgres::{self, CHANGES_CHANNEL, RELOAD_ALL};
+use super::query::SortColumn;
 use super::search::Lowercase;
 use super::{Delta, LoadBuffer, Model, ReadModel};
 use crate::metrics::Metrics;
-use crate::read_path::query::SortColumn;
 
 /// How long notifications are gathered before the rows they name are reloaded together.
 const BATCH_WINDOW: Duration = Duration::from_millis(50);
