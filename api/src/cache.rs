@@ -64,6 +64,7 @@ impl Cache {
             Some(shared::redis::connect(args)?)
         };
         metrics.cache_available.set(0);
+        metrics.cache_enabled.set(i64::from(!args.disable_redis));
         Ok(Arc::new(Self {
             client,
             manual,

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub cache_misses: IntCounter,
     pub cache_errors: IntCounter,
     pub cache_available: IntGauge,
+    /// 0 under `DISABLE_REDIS` (the kill switch), so that an alert tells it from an outage.
+    pub cache_enabled: IntGauge,
     pub fallback_usage: IntCounter,
     pub stale_served: IntCounter,
     pub data_freshness: Histogram,
@@ -63,6 +65,21 @@ impl Metrics {
         registry
             .register(Box::new(cache_available.clone()))
             .expect("metric registers once");
+        let cache_enabled = IntGauge::new(
+            "participants_cache_enabled",
+            "0 while DISABLE_REDIS keeps the api off Redis on purpose, 1 otherwise",
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(cache_enabled.clone()))
+            .expect("metric registers once");
+        cache_enabled.set(1);
+        shared::metrics::register_build_info(
+            &registry,
+            "api",
+            env!("CARGO_PKG_VERSION"),
+            option_env!("PARTICIPANTS_GIT_SHA"),
+        );
         let data_freshness = Histogram::with_opts(
             HistogramOpts::new(
                 "participants_data_freshness_seconds",
@@ -100,8 +117,8 @@ impl Metrics {
             .expect("metric registers once");
         let http_requests = IntCounterVec::new(
             Opts::new(
-                "http_requests_total",
-                "HTTP requests by route, method and status",
+                "participants_http_requests_total",
+                "HTTP requests to the api by route, method and status",
             ),
             &["route", "method", "status"],
         )
@@ -111,8 +128,8 @@ impl Metrics {
             .expect("metric registers once");
         let http_duration = HistogramVec::new(
             HistogramOpts::new(
-                "http_request_duration_seconds",
-                "HTTP request latency by route",
+                "participants_http_request_duration_seconds",
+                "HTTP request latency of the api by route",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -170,6 +187,7 @@ impl Metrics {
             cache_misses,
             cache_errors,
             cache_available,
+            cache_enabled,
             fallback_usage,
             stale_served,
             data_freshness,

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub dead_lettered: IntCounterVec,
     /// 1 while this replica's circuit breaker holds MAX calls back.
     pub max_breaker_open: IntGauge,
+    /// Times the breaker opened: the gauge is 1 for seconds at a time, between two scrapes.
+    pub max_breaker_opened: IntCounter,
     /// The consumer group was missing (Redis restarted empty, or flushed) and was recreated.
     pub stream_groups_recreated: IntCounter,
     pub sweep_done: IntGaugeVec,
@@ -54,6 +56,12 @@ impl Metrics {
                 IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
+        shared::metrics::register_build_info(
+            &r,
+            "syncd",
+            env!("CARGO_PKG_VERSION"),
+            option_env!("PARTICIPANTS_GIT_SHA"),
+        );
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             register(
                 &r,
@@ -108,6 +116,14 @@ impl Metrics {
                 IntGauge::new(
                     "participants_max_breaker_open",
                     "1 while this replica's circuit breaker holds MAX calls back after a streak of failures",
+                )
+                .expect("valid metric"),
+            ),
+            max_breaker_opened: register(
+                &r,
+                IntCounter::new(
+                    "participants_max_breaker_opened_total",
+                    "Times this replica's circuit breaker opened after a streak of MAX failures (it stays open for seconds, then lets calls through again)",
                 )
                 .expect("valid metric"),
             ),

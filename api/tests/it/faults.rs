@@ -260,6 +260,14 @@ async fn disable_redis_serves_postgres_without_touching_redis() {
         .await;
     assert_eq!(refresh.status(), 503);
     let metrics = app.metrics().await;
+    // The kill switch is not an outage: ParticipantsCacheDown stays quiet on this gauge.
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "participants_cache_enabled 0"),
+        "the kill switch is not exported: {metrics}"
+    );
+    assert_eq!(metric(&metrics, "participants_cache_available"), 0.0);
     assert_eq!(metric(&metrics, "participants_cache_errors_total"), 0.0);
     assert_eq!(
         metric(&metrics, "participants_cache_hits_total")

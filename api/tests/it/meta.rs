@@ -1,6 +1,6 @@
 //! Health, metrics, OpenAPI, and errors for routes that do not exist.
 
-use crate::helpers::TestApp;
+use crate::helpers::{metric, TestApp};
 
 #[tokio::test]
 async fn health_endpoints_need_no_token() {
@@ -70,16 +70,39 @@ async fn metrics_expose_the_seed_names() {
         "participants_cache_errors_total",
         "participants_fallback_usage_total",
         "participants_cache_available",
-        "http_requests_total",
-        "http_request_duration_seconds",
+        "participants_cache_enabled",
+        "participants_build_info",
+        // prefixed, so that they do not mix with other services' `http_requests_total`
+        "participants_http_requests_total",
+        "participants_http_request_duration_seconds",
         // the process's own, as every Prometheus client exports them
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "process_open_fds",
         "process_start_time_seconds",
     ] {
-        assert!(page.contains(name), "{name} missing from /metrics");
+        assert!(
+            page.contains(&format!("# TYPE {name} ")),
+            "{name} missing from /metrics"
+        );
     }
+    for name in ["http_requests_total", "http_request_duration_seconds"] {
+        assert!(
+            !page.contains(&format!("# TYPE {name} ")),
+            "unprefixed {name} would collide with other services' series"
+        );
+    }
+    let build = page
+        .lines()
+        .find(|line| line.starts_with("participants_build_info{"))
+        .expect("a build_info series");
+    assert!(build.contains(r#"binary="api""#), "{build}");
+    assert!(
+        build.contains(&format!(r#"version="{}""#, env!("CARGO_PKG_VERSION"))),
+        "{build}"
+    );
+    assert!(build.ends_with(" 1"), "{build}");
+    assert_eq!(metric(&page, "participants_cache_enabled"), 1.0);
 }
 
 #[tokio::test]

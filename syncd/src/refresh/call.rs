@@ -300,6 +300,7 @@ impl Refresher {
             Event::StreakStarted => {}
             Event::BreakerOpened { failures, open } => {
                 self.inner.metrics.max_breaker_open.set(1);
+                self.inner.metrics.max_breaker_opened.inc();
                 tracing::warn!(
                     failures,
                     open_s = open.as_secs(),

@@ -87,26 +87,28 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
         body["participants_source"] == "cache"
     })
     .await;
-    let mut names = exported(
-        &http
-            .get(format!("http://{api}/metrics"))
+    let mut names = BTreeSet::new();
+    for (binary, address) in [
+        ("api", api.to_string()),
+        ("syncd", replica.address.to_string()),
+    ] {
+        let page = http
+            .get(format!("http://{address}/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap(),
-    );
-    names.extend(exported(
-        &http
-            .get(format!("http://{}/metrics", replica.address))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    ));
+            .unwrap();
+        // Each binary says which build it is, for the dashboard's versions panel.
+        let build = format!("participants_build_info{{binary=\"{binary}\",");
+        assert!(
+            page.lines()
+                .any(|line| line.starts_with(&build) && line.ends_with(" 1")),
+            "{binary} exports no build_info: {page}"
+        );
+        names.extend(exported(&page));
+    }
     for required in [
         "participants_cache_hits_total",
         "participants_cache_misses_total",
