@@ -25,10 +25,18 @@ test: test-deps
 	fi
 	@scripts/check-ops.sh
 
-## make lint: formatting and clippy, warnings are errors
+## make lint: formatting and clippy, warnings are errors; cargo deny's licenses, bans and
+## sources (deny.toml), installing cargo-deny first when missing (a few minutes, once). Its
+## advisories check needs the RustSec database from github.com: `cargo deny check advisories`
+## where that is reachable (README, Development).
+CARGO_DENY_VERSION ?= 0.20.2
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@$(CARGO) deny --version 2>/dev/null | grep -qx 'cargo-deny $(CARGO_DENY_VERSION)' || \
+		{ echo "lint: installing cargo-deny $(CARGO_DENY_VERSION) from crates.io" >&2; \
+		  $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION); }
+	$(CARGO) deny check licenses bans sources
 
 fmt:
 	$(CARGO) fmt --all
