@@ -3,7 +3,7 @@
 -- may run DDL; only `api migrate` (MIGRATE_DATABASE_URL, the schema's owner) changes the schema.
 -- Run it as the owner of the tables after `api migrate`, and again after an upgrade whose
 -- release notes name a new table; it is idempotent. README "Database roles" shows how the
--- two login roles are created. (make test checks that the README shows this file as it is.)
+-- two login roles are created; make test checks that it shows every grant here.
 
 grant usage on schema public to participants_api, participants_syncd;
 

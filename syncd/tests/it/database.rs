@@ -189,3 +189,15 @@ async fn the_count_mirror_leaves_the_legacy_updated_at_alone() {
         .unwrap();
     assert_ne!(updated_at().await, "2025-02-01 12:00:00");
 }
+
+/// README "Database roles" shows the operator every grant `scripts/runtime-roles.sql` makes.
+#[test]
+fn the_readme_shows_every_runtime_grant() {
+    let readme = include_str!("../../../README.md");
+    for grant in include_str!("../../../scripts/runtime-roles.sql")
+        .lines()
+        .filter(|line| line.starts_with("grant "))
+    {
+        assert!(readme.contains(grant), "README lacks `{grant}`");
+    }
+}
