@@ -520,3 +520,51 @@ async fn two_migrations_started_together_both_finish_and_leave_valid_indexes() {
         expected
     );
 }
+
+/// README "Rollback": release 875b32c (the last one with a strict migrator) runs on this
+/// release's database once the one migration this release added is forgotten, and the roll
+/// forward applies it again as a no-op.
+#[tokio::test]
+async fn release_875b32c_migrates_once_this_releases_migration_is_forgotten() {
+    let added = 20261204000001_i64;
+    let dir = tempfile::tempdir().unwrap();
+    let migrations = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
+    for entry in std::fs::read_dir(migrations).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with(&added.to_string()) {
+            std::fs::copy(&path, dir.path().join(name)).unwrap();
+        }
+    }
+    // 875b32c's set, run as it ran it: strict, after repairing 20261122000004 to its text.
+    let strict = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    let pg = testkit::PgServer::start();
+    let args = serve_args(&pg, "redis://127.0.0.1:1");
+    api::migrate(&args.database).await.expect("this release");
+    let (version, first) = shared::db::REWRITTEN_MIGRATIONS[0];
+    let text: String = strict
+        .iter()
+        .find(|m| m.version == version)
+        .map(|m| m.checksum.iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap();
+    pg.psql(
+        "postgres",
+        &format!(
+            "delete from _sqlx_migrations where version = {added}; \
+             update _sqlx_migrations set checksum = decode('{text}', 'hex') \
+             where version = {version} and checksum = decode('{first}', 'hex')"
+        ),
+    );
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    strict.run(&pool).await.expect("875b32c migrates");
+    pool.close().await;
+    api::migrate(&args.database).await.expect("roll forward");
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "select count(*) from pg_trigger where tgname = 'zz_participants_count_mirror_keeps_updated_at'"
+        ),
+        "1"
+    );
+    assert_eq!(checksum_of(&pg, version), first);
+}
