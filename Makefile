@@ -14,15 +14,21 @@ run: deps
 	@scripts/run-local.sh
 
 ## make test: the whole suite against real Redis and Postgres servers the tests start
-## themselves, schemathesis against the live api, and the validators of the ops artefacts
+## themselves, schemathesis against the live api, and the validators of the ops artefacts.
+## Without cargo-nextest, cargo test runs the tests .config/nextest.toml makes run alone
+## (they measure timing) after the others, one at a time.
+ALONE := $(shell grep -o 'test([a-z0-9_]*)' .config/nextest.toml | sed 's/test(\(.*\))/\1/')
 test: test-deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast && \
 		$(CARGO) nextest run --workspace --run-ignored only --no-fail-fast; \
 	else \
-		$(CARGO) test --workspace --no-fail-fast && \
+		echo "make test: cargo-nextest is missing (cargo install cargo-nextest --locked); using cargo test" >&2; \
+		$(CARGO) test --workspace --no-fail-fast -- --test-threads 4 $(foreach t,$(ALONE),--skip $(t)) && \
+		$(CARGO) test --workspace --no-fail-fast -- --test-threads 1 $(ALONE) && \
 		$(CARGO) test --workspace --no-fail-fast -- --ignored; \
 	fi
+	@scripts/check-scripts.sh
 	@scripts/check-ops.sh
 
 ## make lint: formatting and clippy, warnings are errors; cargo deny's licenses, bans and

@@ -23,8 +23,22 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 PGBIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
 [ -n "$PGBIN" ] || PGBIN="$(dirname "$(command -v initdb)")"
 as_postgres() {
-    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+    # From /, which the postgres user can enter whatever the checkout's mode (paths are absolute).
+    if [ "$(id -u)" -eq 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
+
+# The cluster's directory. Postgres refuses to run as root, so as root the server runs as the
+# `postgres` user, which must reach the directory: under a checkout it cannot enter (e.g.
+# /root, mode 700) the cluster lives under /var/tmp instead, named after this checkout, and
+# .run/pg links to it.
+PGDATA="$STATE/pg"
+if [ "$(id -u)" -eq 0 ] && ! as_postgres test -x "$STATE"; then
+    PGDATA="/var/tmp/participants-run-$(printf '%s' "$PWD" | cksum | cut -d' ' -f1)/pg"
+    mkdir -p "$PGDATA"
+    chown postgres:postgres "$(dirname "$PGDATA")" "$PGDATA"
+    chmod 700 "$(dirname "$PGDATA")"
+    if [ -L "$STATE/pg" ] || [ ! -e "$STATE/pg" ]; then ln -sfn "$PGDATA" "$STATE/pg"; fi
+fi
 
 pids=()
 cleanup() {
@@ -35,25 +49,25 @@ cleanup() {
         wait "${pids[i]}" 2>/dev/null || true
     done
     if [ -f "$STATE/redis.pid" ]; then kill "$(cat "$STATE/redis.pid")" 2>/dev/null || true; fi
-    as_postgres "$PGBIN/pg_ctl" -D "$STATE/pg" -m fast -w stop >/dev/null 2>&1 || true
+    as_postgres "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # PostgreSQL
-if [ ! -f "$STATE/pg/PG_VERSION" ]; then
-    log "creating a PostgreSQL cluster in .run/pg"
-    mkdir -p "$STATE/pg"
-    [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$STATE/pg"
-    as_postgres "$PGBIN/initdb" -D "$STATE/pg" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+if [ ! -f "$PGDATA/PG_VERSION" ]; then
+    log "creating a PostgreSQL cluster in $PGDATA"
+    mkdir -p "$PGDATA"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$PGDATA"; fi
+    as_postgres "$PGBIN/initdb" -D "$PGDATA" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
 fi
 if port_busy "$PG_PORT"; then
     log "port $PG_PORT is taken; set PG_PORT to a free port"; exit 1
 fi
-[ "$(id -u)" -eq 0 ] && chown postgres:postgres "$STATE/pg"
-as_postgres "$PGBIN/pg_ctl" -D "$STATE/pg" -l "$STATE/pg/server.log" -w \
-    -o "-p $PG_PORT -k $STATE/pg -c listen_addresses=127.0.0.1" start >/dev/null
-log "postgres on 127.0.0.1:$PG_PORT"
+if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$PGDATA"; fi
+as_postgres "$PGBIN/pg_ctl" -D "$PGDATA" -l "$PGDATA/server.log" -w \
+    -o "-p $PG_PORT -k $PGDATA -c listen_addresses=127.0.0.1" start >/dev/null
+log "postgres on 127.0.0.1:$PG_PORT (data in $PGDATA)"
 
 # Redis
 if port_busy "$REDIS_PORT"; then
@@ -67,6 +81,8 @@ log "building (release)"
 cargo build --release --quiet -p api -p syncd -p maxsim
 
 export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+# One role locally: the migration runs as the same owner (production separates them).
+export MIGRATE_DATABASE_URL="$DATABASE_URL"
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 export JWT_SECRET="${JWT_SECRET:-local-development-secret-change-me}"
 export API_LISTEN_ADDR="127.0.0.1:$API_PORT"

@@ -159,6 +159,12 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
+    /// PostgreSQL URL of the role that migrates: the owner of the schema (the legacy `chats`
+    /// table). Only `api migrate` uses it, so the services' DATABASE_URL role needs no DDL
+    /// rights (README: database roles). Unset, migrations run as DATABASE_URL's role
+    #[arg(long, env = "MIGRATE_DATABASE_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub migrate_database_url: Option<SecretString>,
+
     /// Longest a migration waits for a lock on a table in use (the legacy service's `chats`);
     /// writers queued behind it wait at most this long. On a timeout the migration is rolled
     /// back and tried again, up to 20 times with a growing pause
@@ -167,6 +173,25 @@ pub struct MigrateArgs {
 
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl MigrateArgs {
+    /// The database settings `api migrate` connects with: MIGRATE_DATABASE_URL where it is
+    /// set, else DATABASE_URL. Says which setting is not a valid URL.
+    pub fn migration_database(&self) -> Result<DatabaseArgs, String> {
+        let Some(url) = &self.migrate_database_url else {
+            shared::db::connect_options(&self.database).map_err(|e| e.to_string())?;
+            return Ok(self.database.clone());
+        };
+        let database = DatabaseArgs {
+            database_url: url.clone(),
+            ..self.database.clone()
+        };
+        match shared::db::connect_options(&database) {
+            Ok(_) => Ok(database),
+            Err(_) => Err("MIGRATE_DATABASE_URL is not a valid PostgreSQL URL".to_owned()),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -266,5 +291,41 @@ mod tests {
         let printed = format!("{args:?}");
         assert!(!printed.contains("0123456789abcdef0123"));
         assert!(!printed.contains("u:p@"));
+    }
+
+    fn migrate(extra: &[&str]) -> MigrateArgs {
+        let mut argv = vec![
+            "api",
+            "migrate",
+            "--database-url",
+            "postgres://runtime:p@db:5432/chats",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Migrate(args) => args,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn migrate_connects_as_the_migrating_role_where_one_is_set() {
+        use secrecy::ExposeSecret;
+        let fallback = migrate(&[]).migration_database().unwrap();
+        assert_eq!(
+            fallback.database_url.expose_secret(),
+            "postgres://runtime:p@db:5432/chats"
+        );
+        let owner = migrate(&["--migrate-database-url", "postgres://owner:q@db:5432/chats"])
+            .migration_database()
+            .unwrap();
+        assert_eq!(
+            owner.database_url.expose_secret(),
+            "postgres://owner:q@db:5432/chats"
+        );
+        let err = migrate(&["--migrate-database-url", "postgres://owner:q@db:port/chats"])
+            .migration_database()
+            .unwrap_err();
+        assert!(err.contains("MIGRATE_DATABASE_URL"), "{err}");
+        assert!(!err.contains("owner:q"), "{err}");
     }
 }

@@ -38,18 +38,20 @@ fn main() -> ExitCode {
             })
         }
         Command::Migrate(args) => {
-            let telemetry = shared::db::connect_options(&args.database)
-                .map_err(|e| e.to_string())
-                .and_then(|_| shared::telemetry::init(&args.log, "participants-api"));
-            let _telemetry = match telemetry {
-                Ok(telemetry) => telemetry,
+            let configured = args.migration_database().and_then(|database| {
+                shared::telemetry::init(&args.log, "participants-api").map(|t| (database, t))
+            });
+            let (database, _telemetry) = match configured {
+                Ok(configured) => configured,
                 Err(message) => {
                     eprintln!("api: invalid configuration: {message}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            runtime()
-                .and_then(|rt| rt.block_on(api::migrate_with(&args.database, args.lock_timeout)))
+            if args.migrate_database_url.is_none() {
+                tracing::warn!("MIGRATE_DATABASE_URL is unset: migrating as DATABASE_URL's role, which then holds DDL rights the services do not need");
+            }
+            runtime().and_then(|rt| rt.block_on(api::migrate_with(&database, args.lock_timeout)))
         }
         Command::Token(args) => {
             let claims = api::auth::Claims {

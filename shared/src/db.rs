@@ -1,19 +1,26 @@
 //! The Postgres pool and the embedded migrations.
 
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 
 use secrecy::ExposeSecret;
-use sqlx::migrate::Migrator;
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{MigrateError, Migration, MigrationSource, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::config::DatabaseArgs;
 
-/// Every migration in `migrations/`, embedded in the binary.
+/// Every migration in `migrations/`, embedded in the binary, each with its current text's
+/// checksum. `api migrate` runs them through [`rollback_safe`], which is what databases record.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 /// Migrations whose text was rewritten after databases had applied them, without changing what
-/// those databases hold: (version, SHA-384 of the old text). `api migrate` records the new
-/// checksum for a database that has the old one, instead of refusing it as modified.
+/// those databases hold: (version, SHA-384 of the text it first landed with). Every database
+/// records that first checksum, whichever release applied it, so that any release, older or
+/// newer than the rewrite, finds the checksum it expects (`rollback_safe`). A second rewrite
+/// of the same migration keeps the first text's checksum here.
 /// - 20261122000004 built the list indexes in one transaction under a SHARE lock on `chats`;
 ///   it now only creates pg_trgm, and the indexes are built concurrently by later migrations,
 ///   which find them present on such a database.
@@ -37,9 +44,58 @@ pub const CONCURRENT_INDEXES: &[&str] = &[
     "chats_university_id_name_id_idx",
 ];
 
-/// Records the current checksum of each rewritten migration a database applied in its old
-/// text (see `REWRITTEN_MIGRATIONS`). Returns how many rows it changed.
-pub async fn repair_rewritten_checksums(pool: &PgPool) -> Result<u64, sqlx::Error> {
+/// `set` as `api migrate` runs it, so that a rollback starts (SPEC §2):
+/// - migrations the database holds and `set` does not (a newer release applied them) are not
+///   an error: each release only adds, so the older one runs on the newer schema;
+/// - each rewritten migration carries the checksum of its first text (`REWRITTEN_MIGRATIONS`),
+///   which is what it records when it applies it and expects where it was applied, so neither
+///   a release from before the rewrite nor one after it finds a checksum it does not know.
+pub async fn rollback_safe(set: &Migrator) -> Result<Migrator, MigrateError> {
+    let migrations = set
+        .iter()
+        .map(|migration| match first_checksum(migration.version) {
+            Some(first) => Migration {
+                checksum: Cow::Owned(first),
+                ..migration.clone()
+            },
+            None => migration.clone(),
+        })
+        .collect();
+    let mut migrator = Migrator::new(Resolved(migrations)).await?;
+    migrator.set_ignore_missing(true);
+    Ok(migrator)
+}
+
+/// The checksum of a rewritten migration's first text, or `None` for one never rewritten.
+fn first_checksum(version: i64) -> Option<Vec<u8>> {
+    let (_, hex) = REWRITTEN_MIGRATIONS.iter().find(|(v, _)| *v == version)?;
+    Some(
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("REWRITTEN_MIGRATIONS is hex"))
+            .collect(),
+    )
+}
+
+/// Migrations already resolved (a set with some checksums replaced), as a source for
+/// `Migrator::new`.
+#[derive(Debug)]
+struct Resolved(Vec<Migration>);
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl<'s> MigrationSource<'s> for Resolved {
+    fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async move { Ok(self.0) })
+    }
+}
+
+/// Records the first text's checksum of each rewritten migration that a database applied
+/// with a later text (releases before this one recorded the text they ran, and repaired older
+/// databases to it), so that the database again holds what every release expects (see
+/// `rollback_safe`). `set` is as embedded, with its current texts. Returns how many rows it
+/// changed.
+pub async fn record_first_checksums(pool: &PgPool, set: &Migrator) -> Result<u64, sqlx::Error> {
     let table: Option<String> = sqlx::query_scalar("select to_regclass('_sqlx_migrations')::text")
         .fetch_one(pool)
         .await?;
@@ -47,21 +103,33 @@ pub async fn repair_rewritten_checksums(pool: &PgPool) -> Result<u64, sqlx::Erro
         return Ok(0);
     }
     let mut repaired = 0;
-    for (version, old) in REWRITTEN_MIGRATIONS {
-        let Some(current) = MIGRATOR.iter().find(|m| m.version == *version) else {
+    for (version, first) in REWRITTEN_MIGRATIONS {
+        let Some(current) = set.iter().find(|m| m.version == *version) else {
             continue;
         };
         repaired += sqlx::query(
-            "update _sqlx_migrations set checksum = $1 where version = $2 and checksum = decode($3, 'hex')",
+            "update _sqlx_migrations set checksum = decode($3, 'hex') where version = $2 and checksum = $1",
         )
         .bind(current.checksum.as_ref())
         .bind(version)
-        .bind(old)
+        .bind(first)
         .execute(pool)
         .await?
         .rows_affected();
     }
     Ok(repaired)
+}
+
+/// The versions the database records as applied that `set` does not know: a newer release's
+/// migrations (after a rollback), or none.
+pub async fn unknown_versions(pool: &PgPool, set: &Migrator) -> Result<Vec<i64>, sqlx::Error> {
+    let known: Vec<i64> = set.iter().map(|m| m.version).collect();
+    sqlx::query_scalar(
+        "select version from _sqlx_migrations where not (version = any($1)) order by version",
+    )
+    .bind(&known)
+    .fetch_all(pool)
+    .await
 }
 
 /// Drops the indexes of `CONCURRENT_INDEXES` that a failed build left invalid, so that their

@@ -295,6 +295,11 @@ pub struct FreshCount {
 /// mirrors a changed count into `chats.participants_count` (the legacy column and fallback).
 /// Chats deleted meanwhile are skipped. Returns how many counts were written.
 ///
+/// The mirror leaves `chats.updated_at` as it was: the transaction is marked as the count
+/// mirror, which the trigger `zz_participants_count_mirror_keeps_updated_at` reads, so the
+/// legacy trigger's stamp is undone and "sort by updated_at" keeps meaning "edited lately"
+/// (README: the legacy table).
+///
 /// A count asked before a newer failure was recorded (a slow success landing after a `Gone`)
 /// is kept as the last known count but leaves the chat's status as the failure set it. Times
 /// ahead of the database's clock (a replica whose clock runs fast) are taken as the database's
@@ -306,6 +311,10 @@ pub async fn write_counts(pool: &PgPool, counts: &[FreshCount]) -> Result<u64, s
     let ids: Vec<i32> = counts.iter().map(|c| c.chat_id).collect();
     let values: Vec<i32> = counts.iter().map(|c| c.count).collect();
     let asked: Vec<DateTime<Utc>> = counts.iter().map(|c| c.asked_at).collect();
+    let mut tx = pool.begin().await?;
+    sqlx::query("select set_config('participants.count_mirror', 'on', true)")
+        .execute(&mut *tx)
+        .await?;
     let written: i64 = sqlx::query_scalar(
         "with input as ( \
              select distinct on (t.chat_id) t.chat_id, t.count, least(t.asked_at, now()) as asked_at \
@@ -333,8 +342,9 @@ pub async fn write_counts(pool: &PgPool, counts: &[FreshCount]) -> Result<u64, s
     .bind(&ids)
     .bind(&values)
     .bind(&asked)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(written as u64)
 }
 

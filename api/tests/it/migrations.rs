@@ -77,11 +77,23 @@ async fn migrate_keeps_every_legacy_row_and_only_adds() {
         ),
         "t"
     );
-    // The legacy updated_at trigger, chat_totals' three, and the read model's two notifiers.
+    // The legacy updated_at trigger, chat_totals' three, the read model's two notifiers, and
+    // the count mirror's keeper of updated_at.
     assert_eq!(
         pg.psql("chat_service", "select count(*) from pg_trigger where tgrelid = 'chats'::regclass and not tgisinternal"),
-        "6"
+        "7"
     );
+    // syncd's count mirror (its transaction marked) leaves updated_at as the legacy service
+    // left it: the keeper runs after the legacy trigger on the legacy schema itself.
+    let stamped = "select updated_at from chats where id = 2";
+    let before_mirror = pg.psql("chat_service", stamped);
+    assert!(!before_mirror.is_empty());
+    pg.psql(
+        "chat_service",
+        "begin; select set_config('participants.count_mirror', 'on', true); \
+         update chats set participants_count = 99 where id = 2; commit;",
+    );
+    assert_eq!(pg.psql("chat_service", stamped), before_mirror);
     // New columns and tables exist, and the legacy service's inserts keep working.
     pg.psql(
         "chat_service",
@@ -291,27 +303,179 @@ async fn legacy_writes_never_wait_longer_than_the_lock_timeout_while_migrating()
     );
 }
 
-/// A database that applied 20261122000004 in its old text (every list index in one
-/// transaction) is not refused as "modified": `api migrate` records the new text, and the
-/// concurrent index migrations find the indexes there.
-#[tokio::test]
-async fn a_database_migrated_with_the_old_text_of_a_rewritten_migration_is_accepted() {
-    let pg = testkit::PgServer::start();
-    let args = serve_args(&pg, "redis://127.0.0.1:1");
-    api::migrate(&args.database).await.expect("first migrate");
-    let (version, old) = shared::db::REWRITTEN_MIGRATIONS[0];
+/// The migrations of release 7bf2886 (`git show 7bf2886:migrations/…`), from before
+/// 20261122000004 was rewritten and before the list indexes and sweep origins were added.
+static PREVIOUS_RELEASE: sqlx::migrate::Migrator =
+    sqlx::migrate!("tests/it/fixtures/migrations_7bf2886");
+
+fn checksum_of(pg: &testkit::PgServer, version: i64) -> String {
     pg.psql(
         "postgres",
-        &format!("update _sqlx_migrations set checksum = decode('{old}', 'hex') where version = {version}"),
+        &format!("select encode(checksum, 'hex') from _sqlx_migrations where version = {version}"),
+    )
+}
+
+/// A rollback: the previous release's migration set, run the way `api migrate` runs it, on a
+/// database the current release migrated, then the current set again (the roll forward), and
+/// an upgrade from a database the previous release made. The rewritten 20261122000004 keeps
+/// its first text's checksum throughout, which is the one each release expects.
+#[tokio::test]
+async fn the_previous_release_migrates_a_database_the_current_one_migrated_and_back() {
+    let lock_timeout = api::MIGRATE_LOCK_TIMEOUT;
+    let (version, first) = shared::db::REWRITTEN_MIGRATIONS[0];
+
+    let pg = testkit::PgServer::start();
+    let args = serve_args(&pg, "redis://127.0.0.1:1");
+    api::migrate(&args.database).await.expect("current migrate");
+    assert_eq!(
+        checksum_of(&pg, version),
+        first,
+        "the first text's checksum is recorded"
+    );
+    api::migrate::migrate_set(&args.database, lock_timeout, &PREVIOUS_RELEASE)
+        .await
+        .expect("the previous release migrates the current schema (rollback)");
+    api::migrate(&args.database).await.expect("roll forward");
+    let current = shared::db::MIGRATOR.iter().count();
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "select count(*) from _sqlx_migrations where success"
+        ),
+        current.to_string()
+    );
+
+    // An upgrade: the previous release made the database, the current one migrates it.
+    let pg = testkit::PgServer::start();
+    let args = serve_args(&pg, "redis://127.0.0.1:1");
+    api::migrate::migrate_set(&args.database, lock_timeout, &PREVIOUS_RELEASE)
+        .await
+        .expect("previous release on an empty database");
+    api::migrate(&args.database).await.expect("upgrade");
+    api::migrate::migrate_set(&args.database, lock_timeout, &PREVIOUS_RELEASE)
+        .await
+        .expect("and back");
+    assert_eq!(checksum_of(&pg, version), first);
+}
+
+/// A newer release migrated the database (its migration 29991231000001 added a column): the
+/// current `api migrate` keeps it and succeeds, and `api serve` answers on that schema, so an
+/// old pod restarting during a rollout, or a rollback, starts instead of crash-looping.
+#[tokio::test]
+async fn a_migration_of_a_newer_release_in_the_database_is_not_an_error() {
+    let pg = testkit::PgServer::start();
+    let redis = testkit::RedisServer::start();
+    let args = serve_args(&pg, &redis.url());
+    api::migrate(&args.database).await.expect("first migrate");
+    pg.psql(
+        "postgres",
+        "alter table chat_participants add column from_a_newer_release text; \
+         insert into _sqlx_migrations (version, description, success, checksum, execution_time) \
+         values (29991231000001, 'add from a newer release', true, sha384('newer'), 1); \
+         insert into chats (name, url, source) values ('still read', 'u', 'admin_panel')",
     );
     api::migrate(&args.database)
         .await
-        .expect("a database with the old text migrates");
-    let recorded = pg.psql(
-        "postgres",
-        &format!("select encode(checksum, 'hex') from _sqlx_migrations where version = {version}"),
+        .expect("a newer release's migration is kept, not an error");
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "select count(*) from _sqlx_migrations where version = 29991231000001"
+        ),
+        "1"
     );
-    assert_ne!(recorded, old, "the new text's checksum is recorded");
+    let (address, _stop, _server) = crate::helpers::spawn_bare_api(args).await;
+    let http = reqwest::Client::new();
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        http.get(format!("http://{address}/health/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let page: serde_json::Value = http
+        .get(format!("http://{address}/chats/all"))
+        .bearer_auth(crate::helpers::admin_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["data"][0]["name"], "still read", "{page}");
+}
+
+/// A database migrated by a release that recorded 20261122000004's current text (releases up
+/// to this one repaired the first text's checksum to it) is accepted, and gets the first
+/// text's checksum back, which a release from before the rewrite expects.
+#[tokio::test]
+async fn a_database_that_recorded_a_later_text_of_a_rewritten_migration_is_accepted() {
+    let pg = testkit::PgServer::start();
+    let args = serve_args(&pg, "redis://127.0.0.1:1");
+    api::migrate(&args.database).await.expect("first migrate");
+    let (version, first) = shared::db::REWRITTEN_MIGRATIONS[0];
+    let later = shared::db::MIGRATOR
+        .iter()
+        .find(|m| m.version == version)
+        .map(|m| {
+            m.checksum
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        })
+        .unwrap();
+    pg.psql(
+        "postgres",
+        &format!("update _sqlx_migrations set checksum = decode('{later}', 'hex') where version = {version}"),
+    );
+    api::migrate(&args.database)
+        .await
+        .expect("a database with the later text migrates");
+    assert_eq!(checksum_of(&pg, version), first);
+}
+
+/// `api migrate` connects as MIGRATE_DATABASE_URL's role when it is set: here DATABASE_URL's
+/// role may not create anything, and the migration still runs, as the owner.
+#[tokio::test]
+async fn migrate_runs_as_the_migrating_role_not_the_runtime_one() {
+    let pg = testkit::PgServer::start();
+    pg.psql("postgres", "create role participants_api login");
+    let runtime = format!(
+        "postgres://participants_api@127.0.0.1:{}/postgres",
+        pg.port()
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_api"))
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", &runtime)
+        .env("MIGRATE_DATABASE_URL", pg.url())
+        .env("LOG_FORMAT", "text")
+        .output()
+        .expect("api runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "select tableowner from pg_tables where tablename = 'chat_participants'"
+        ),
+        "postgres"
+    );
+    // Unset, it falls back to DATABASE_URL's role, which says why it cannot.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_api"))
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", &runtime)
+        .env("LOG_FORMAT", "text")
+        .output()
+        .expect("api runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("MIGRATE_DATABASE_URL is unset"), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
 }
 
 /// Two pods starting together both run `api migrate` (their init containers): one waits for
@@ -355,4 +519,52 @@ async fn two_migrations_started_together_both_finish_and_leave_valid_indexes() {
         ),
         expected
     );
+}
+
+/// README "Rollback": release 875b32c (the last one with a strict migrator) runs on this
+/// release's database once the one migration this release added is forgotten, and the roll
+/// forward applies it again as a no-op.
+#[tokio::test]
+async fn release_875b32c_migrates_once_this_releases_migration_is_forgotten() {
+    let added = 20261204000001_i64;
+    let dir = tempfile::tempdir().unwrap();
+    let migrations = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
+    for entry in std::fs::read_dir(migrations).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with(&added.to_string()) {
+            std::fs::copy(&path, dir.path().join(name)).unwrap();
+        }
+    }
+    // 875b32c's set, run as it ran it: strict, after repairing 20261122000004 to its text.
+    let strict = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    let pg = testkit::PgServer::start();
+    let args = serve_args(&pg, "redis://127.0.0.1:1");
+    api::migrate(&args.database).await.expect("this release");
+    let (version, first) = shared::db::REWRITTEN_MIGRATIONS[0];
+    let text: String = strict
+        .iter()
+        .find(|m| m.version == version)
+        .map(|m| m.checksum.iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap();
+    pg.psql(
+        "postgres",
+        &format!(
+            "delete from _sqlx_migrations where version = {added}; \
+             update _sqlx_migrations set checksum = decode('{text}', 'hex') \
+             where version = {version} and checksum = decode('{first}', 'hex')"
+        ),
+    );
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    strict.run(&pool).await.expect("875b32c migrates");
+    pool.close().await;
+    api::migrate(&args.database).await.expect("roll forward");
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "select count(*) from pg_trigger where tgname = 'zz_participants_count_mirror_keeps_updated_at'"
+        ),
+        "1"
+    );
+    assert_eq!(checksum_of(&pg, version), first);
 }

@@ -2,6 +2,7 @@
 //! MAX simulator over HTTP.
 
 mod consumer;
+mod database;
 mod end_to_end;
 mod healing;
 mod helpers;
