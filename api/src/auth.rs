@@ -290,6 +290,26 @@ mod claim_tests {
         assert_eq!(verdict(&verifier, base), Ok(()));
     }
 
+    /// GHSA-h395-gr6q-cpjc (CVE-2026-25537): jsonwebtoken 9 skipped the `nbf` check when the
+    /// claim was a string, so a token "not valid before" the year 5138 was accepted today.
+    #[test]
+    fn nbf_given_as_a_string_is_refused() {
+        let verifier = TokenVerifier::new(&secret(), &[]);
+        let base = serde_json::json!({"sub": "1", "role": "super_admin", "exp": now() + 600});
+        for nbf in [
+            serde_json::json!("99999999999"),
+            serde_json::json!((now() - 10).to_string()),
+            serde_json::json!(99_999_999_999_i64),
+        ] {
+            let mut claims = base.clone();
+            claims["nbf"] = nbf.clone();
+            assert!(
+                verdict(&verifier, claims).is_err(),
+                "nbf {nbf} was accepted"
+            );
+        }
+    }
+
     #[test]
     fn without_an_expected_audience_aud_is_not_checked_and_with_one_it_is_required() {
         let claims = |aud: Option<serde_json::Value>| {
