@@ -128,7 +128,9 @@ pub async fn run(
         db: db.clone(),
         cache,
         reads,
-        tokens: auth::TokenVerifier::new(&args.jwt_secret, &args.jwt_audience),
+        tokens: auth::TokenVerifier::new(&args.jwt_secret, &args.jwt_audience)
+            .with_previous_secret(args.jwt_previous_secret.as_ref())
+            .with_issuer(args.jwt_issuer.as_deref()),
         metrics,
         waiters,
         refresh_gate: refresh_gate.clone(),
