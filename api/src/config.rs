@@ -127,6 +127,39 @@ pub struct ServeArgs {
     #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Longest a client may take to send a request's headers; then the connection is closed
+    #[arg(long, env = "API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest a connection may sit with no request in flight (kept alive between requests, or
+    /// before its first); then it is closed. Keep it longer than the ingress' upstream
+    /// keep-alive (nginx: 60s), so the proxy never reuses a connection the api is closing
+    #[arg(long, env = "API_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Connections one replica holds at once (each listener); one more is answered 503 and
+    /// closed
+    #[arg(long, env = "API_MAX_CONNECTIONS", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Requests one replica works on at once; one more is answered 503 `overloaded` at once
+    /// (the health probes are never refused)
+    #[arg(long, env = "API_MAX_CONCURRENT_REQUESTS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// How long a /health/detailed answer is reused; callers meanwhile, and callers while a
+    /// check runs, share it, so the endpoint cannot be made to hammer Postgres and Redis. 0s:
+    /// only callers during a check share its answer
+    #[arg(long, env = "API_HEALTH_DETAILED_CACHE", default_value = "1s", value_parser = parse_duration)]
+    pub health_detailed_cache: Duration,
+
+    /// Address of a second listener for /metrics and /health/detailed (e.g. 0.0.0.0:9092);
+    /// set, the main listener no longer serves them. Unset: both stay on API_LISTEN_ADDR
+    #[arg(long, env = "API_ADMIN_LISTEN_ADDR")]
+    pub admin_listen_addr: Option<SocketAddr>,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -160,6 +193,18 @@ impl ServeArgs {
         }
         if self.read_model_reconcile_interval < Duration::from_secs(1) {
             return Err("READ_MODEL_RECONCILE_INTERVAL must be at least 1s".to_owned());
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err("API_HEADER_READ_TIMEOUT must be greater than zero".to_owned());
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("API_IDLE_TIMEOUT must be greater than zero".to_owned());
+        }
+        if self
+            .admin_listen_addr
+            .is_some_and(|admin| admin == self.listen_addr)
+        {
+            return Err("API_ADMIN_LISTEN_ADDR must differ from API_LISTEN_ADDR".to_owned());
         }
         if self.request_timeout <= self.participants_refresh_wait {
             return Err(
