@@ -5,6 +5,7 @@ mod consumer;
 mod end_to_end;
 mod healing;
 mod helpers;
+mod inspect;
 mod ops;
 mod real_life;
 mod scale_out;
