@@ -126,7 +126,7 @@ if command -v curl >/dev/null 2>&1; then
     done
 fi
 
-TOKEN="$(./target/release/api token --role super_admin --ttl 24h)"
+TOKEN="$(./target/release/api token --allow-token-minting --role super_admin --ttl 24h)"
 cat >&2 <<MSG
 
   The api is up on http://127.0.0.1:$API_PORT. Try:

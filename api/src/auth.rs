@@ -59,10 +59,16 @@ impl Principal {
     }
 }
 
+/// Shortest HS256 secret accepted: RFC 7518 §3.2 asks for a key of at least the hash's size
+/// (256 bits), and a shorter one can be guessed offline from any token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// Verifies tokens with the shared secret; only HS256 is accepted (so never `alg: none`).
 #[derive(Clone)]
 pub struct TokenVerifier {
     key: DecodingKey,
+    /// The secret before the last rotation, still accepted while tokens signed with it live.
+    previous_key: Option<DecodingKey>,
     validation: Validation,
 }
 
@@ -83,7 +89,47 @@ impl TokenVerifier {
         }
         Self {
             key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+            previous_key: None,
             validation,
+        }
+    }
+
+    /// Also accepts tokens signed with `previous` (a rotation: the auth-service signs with the
+    /// new secret at once, and tokens it signed before stay valid until they expire).
+    pub fn with_previous_secret(mut self, previous: Option<&SecretString>) -> Self {
+        self.previous_key =
+            previous.map(|secret| DecodingKey::from_secret(secret.expose_secret().as_bytes()));
+        self
+    }
+
+    /// Requires every token to carry `iss` equal to `issuer` (`JWT_ISSUER`); `None` leaves
+    /// `iss` unchecked.
+    pub fn with_issuer(mut self, issuer: Option<&str>) -> Self {
+        if let Some(issuer) = issuer {
+            self.validation.set_issuer(&[issuer]);
+            let mut required: Vec<String> = self
+                .validation
+                .required_spec_claims
+                .iter()
+                .cloned()
+                .collect();
+            required.push("iss".to_owned());
+            self.validation.set_required_spec_claims(&required);
+        }
+        self
+    }
+
+    /// The claims of a token signed with the current secret or, failing its signature, the
+    /// previous one.
+    fn decode(&self, token: &str) -> jsonwebtoken::errors::Result<Claims> {
+        let current = decode::<Claims>(token, &self.key, &self.validation);
+        match (&current, &self.previous_key) {
+            (Err(e), Some(previous))
+                if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature =>
+            {
+                decode::<Claims>(token, previous, &self.validation).map(|data| data.claims)
+            }
+            _ => current.map(|data| data.claims),
         }
     }
 
@@ -99,26 +145,33 @@ impl TokenVerifier {
             .ok_or(ApiError::Unauthorized(
                 "authorization header is not a bearer token",
             ))?;
-        let claims = decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                    ApiError::Unauthorized("token has expired")
-                }
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                    ApiError::Unauthorized("token signature is invalid")
-                }
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
-                    ApiError::Unauthorized("token is not valid yet (nbf)")
-                }
-                jsonwebtoken::errors::ErrorKind::InvalidAudience => {
-                    ApiError::Unauthorized("token is for another audience (aud)")
-                }
-                jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => {
-                    ApiError::Unauthorized("token has no audience (aud); JWT_AUDIENCE requires one")
-                }
-                _ => ApiError::Unauthorized("token is malformed or not signed with HS256"),
-            })?
-            .claims;
+        let claims = self.decode(token).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                ApiError::Unauthorized("token has expired")
+            }
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                ApiError::Unauthorized("token signature is invalid")
+            }
+            jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                ApiError::Unauthorized("token is not valid yet (nbf)")
+            }
+            jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                ApiError::Unauthorized("token is for another audience (aud)")
+            }
+            jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => {
+                ApiError::Unauthorized("token has no audience (aud); JWT_AUDIENCE requires one")
+            }
+            jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
+                ApiError::Unauthorized("token is from another issuer (iss)")
+            }
+            jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => {
+                ApiError::Unauthorized("token has no issuer (iss); JWT_ISSUER requires one")
+            }
+            jsonwebtoken::errors::ErrorKind::InvalidClaimFormat(_) => {
+                ApiError::Unauthorized("token has a claim of the wrong type (exp, nbf, iss)")
+            }
+            _ => ApiError::Unauthorized("token is malformed or not signed with HS256"),
+        })?;
         let role = Role::parse(&claims.role).ok_or(ApiError::Forbidden)?;
         let scope = match role {
             Role::SuperAdmin => Scope::All,
@@ -136,7 +189,10 @@ impl TokenVerifier {
 }
 
 /// Signs a token the way the auth-service does; `api token` and the tests use it.
-pub fn sign(secret: &SecretString, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+pub fn sign(
+    secret: &SecretString,
+    claims: &impl Serialize,
+) -> Result<String, jsonwebtoken::errors::Error> {
     encode(
         &Header::new(Algorithm::HS256),
         claims,
@@ -290,6 +346,26 @@ mod claim_tests {
         assert_eq!(verdict(&verifier, base), Ok(()));
     }
 
+    /// GHSA-h395-gr6q-cpjc (CVE-2026-25537): jsonwebtoken 9 skipped the `nbf` check when the
+    /// claim was a string, so a token "not valid before" the year 5138 was accepted today.
+    #[test]
+    fn nbf_given_as_a_string_is_refused() {
+        let verifier = TokenVerifier::new(&secret(), &[]);
+        let base = serde_json::json!({"sub": "1", "role": "super_admin", "exp": now() + 600});
+        for nbf in [
+            serde_json::json!("99999999999"),
+            serde_json::json!((now() - 10).to_string()),
+            serde_json::json!(99_999_999_999_i64),
+        ] {
+            let mut claims = base.clone();
+            claims["nbf"] = nbf.clone();
+            assert!(
+                verdict(&verifier, claims).is_err(),
+                "nbf {nbf} was accepted"
+            );
+        }
+    }
+
     #[test]
     fn without_an_expected_audience_aud_is_not_checked_and_with_one_it_is_required() {
         let claims = |aud: Option<serde_json::Value>| {
@@ -324,5 +400,96 @@ mod claim_tests {
             verdict(&strict, claims(None)),
             Err("token has no audience (aud); JWT_AUDIENCE requires one")
         );
+    }
+}
+
+#[cfg(test)]
+mod rotation_and_issuer_tests {
+    use super::*;
+
+    fn current() -> SecretString {
+        SecretString::from("current-secret-0123456789abcdef-0123".to_owned())
+    }
+
+    fn previous() -> SecretString {
+        SecretString::from("previous-secret-0123456789abcdef-012".to_owned())
+    }
+
+    fn signed(secret: &SecretString, claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(secret.expose_secret().as_bytes());
+        format!(
+            "Bearer {}",
+            encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        )
+    }
+
+    fn claims(extra: serde_json::Value) -> serde_json::Value {
+        let mut claims = serde_json::json!({"sub": "1", "role": "super_admin",
+            "exp": chrono::Utc::now().timestamp() + 600});
+        if let serde_json::Value::Object(extra) = extra {
+            claims.as_object_mut().unwrap().extend(extra);
+        }
+        claims
+    }
+
+    fn refusal(verifier: &TokenVerifier, token: &str) -> Option<&'static str> {
+        match verifier.verify(Some(token)) {
+            Ok(_) => None,
+            Err(ApiError::Unauthorized(why)) => Some(why),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn during_a_rotation_tokens_of_the_previous_secret_are_still_accepted() {
+        let rotating = TokenVerifier::new(&current(), &[]).with_previous_secret(Some(&previous()));
+        let old_token = signed(&previous(), claims(serde_json::json!({})));
+        let new_token = signed(&current(), claims(serde_json::json!({})));
+        assert_eq!(refusal(&rotating, &old_token), None);
+        assert_eq!(refusal(&rotating, &new_token), None);
+        // An expired token of the previous secret says so, like one of the current secret.
+        let expired = signed(&previous(), claims(serde_json::json!({"exp": 1_000})));
+        assert_eq!(refusal(&rotating, &expired), Some("token has expired"));
+        let foreign = SecretString::from("someone-elses-secret-0123456789abcdef".to_owned());
+        assert_eq!(
+            refusal(&rotating, &signed(&foreign, claims(serde_json::json!({})))),
+            Some("token signature is invalid")
+        );
+
+        // Once the rotation is over, the previous secret's tokens are refused.
+        let rotated = TokenVerifier::new(&current(), &[]).with_previous_secret(None);
+        assert_eq!(
+            refusal(&rotated, &old_token),
+            Some("token signature is invalid")
+        );
+    }
+
+    #[test]
+    fn with_an_issuer_set_iss_must_match_and_without_one_it_is_not_checked() {
+        let open = TokenVerifier::new(&current(), &[]).with_issuer(None);
+        let strict = TokenVerifier::new(&current(), &[]).with_issuer(Some("auth-service"));
+        let ours = signed(
+            &current(),
+            claims(serde_json::json!({"iss": "auth-service"})),
+        );
+        let theirs = signed(
+            &current(),
+            claims(serde_json::json!({"iss": "other-service"})),
+        );
+        let none = signed(&current(), claims(serde_json::json!({})));
+        let a_number = signed(&current(), claims(serde_json::json!({"iss": 42})));
+        for token in [&ours, &theirs, &none] {
+            assert_eq!(refusal(&open, token), None);
+        }
+        assert_eq!(refusal(&strict, &ours), None);
+        assert_eq!(
+            refusal(&strict, &theirs),
+            Some("token is from another issuer (iss)")
+        );
+        assert_eq!(
+            refusal(&strict, &none),
+            Some("token has no issuer (iss); JWT_ISSUER requires one")
+        );
+        assert!(refusal(&strict, &a_number).is_some());
     }
 }

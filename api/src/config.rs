@@ -48,9 +48,19 @@ pub struct ServeArgs {
     #[arg(long, env = "API_LISTEN_ADDR", default_value = "0.0.0.0:8082")]
     pub listen_addr: SocketAddr,
 
-    /// HS256 secret of the auth-service's access tokens
+    /// HS256 secret of the auth-service's access tokens, at least 32 bytes (RFC 7518 §3.2)
     #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
     pub jwt_secret: SecretString,
+
+    /// The secret before a rotation, still accepted for verification (never for signing) while
+    /// tokens signed with it live; unset it once they have expired. At least 32 bytes
+    #[arg(long, env = "JWT_PREVIOUS_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub jwt_previous_secret: Option<SecretString>,
+
+    /// Issuer a token's `iss` must equal. Unset: `iss` is not checked; set: a token without
+    /// it, or with another, is refused
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
 
     /// Audiences a token's `aud` must name one of (comma-separated). Unset: `aud` is not
     /// checked (the auth-service's tokens carry none); set: a token without a matching `aud`
@@ -117,6 +127,39 @@ pub struct ServeArgs {
     #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Longest a client may take to send a request's headers; then the connection is closed
+    #[arg(long, env = "API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest a connection may sit with no request in flight (kept alive between requests, or
+    /// before its first); then it is closed. Keep it longer than the ingress' upstream
+    /// keep-alive (nginx: 60s), so the proxy never reuses a connection the api is closing
+    #[arg(long, env = "API_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Connections one replica holds at once (each listener); one more is answered 503 and
+    /// closed
+    #[arg(long, env = "API_MAX_CONNECTIONS", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Requests one replica works on at once; one more is answered 503 `overloaded` at once
+    /// (the health probes are never refused)
+    #[arg(long, env = "API_MAX_CONCURRENT_REQUESTS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// How long a /health/detailed answer is reused; callers meanwhile, and callers while a
+    /// check runs, share it, so the endpoint cannot be made to hammer Postgres and Redis. 0s:
+    /// only callers during a check share its answer
+    #[arg(long, env = "API_HEALTH_DETAILED_CACHE", default_value = "1s", value_parser = parse_duration)]
+    pub health_detailed_cache: Duration,
+
+    /// Address of a second listener for /metrics and /health/detailed (e.g. 0.0.0.0:9092);
+    /// set, the main listener no longer serves them. Unset: both stay on API_LISTEN_ADDR
+    #[arg(long, env = "API_ADMIN_LISTEN_ADDR")]
+    pub admin_listen_addr: Option<SocketAddr>,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -125,8 +168,14 @@ impl ServeArgs {
     /// Checks what clap cannot: values against each other and URLs that parse. The error
     /// names the setting at fault and never repeats a secret.
     pub fn validate(&self) -> Result<(), String> {
-        if self.jwt_secret.expose_secret().len() < 16 {
-            return Err("JWT_SECRET must be at least 16 bytes long".to_owned());
+        check_secret_length("JWT_SECRET", &self.jwt_secret)?;
+        if let Some(previous) = &self.jwt_previous_secret {
+            check_secret_length("JWT_PREVIOUS_SECRET", previous)?;
+        }
+        if self.jwt_issuer.as_deref().is_some_and(str::is_empty) {
+            return Err(
+                "JWT_ISSUER must not be empty (unset it to leave iss unchecked)".to_owned(),
+            );
         }
         self.freshness.validate()?;
         shared::db::connect_options(&self.database).map_err(|e| e.to_string())?;
@@ -144,6 +193,18 @@ impl ServeArgs {
         }
         if self.read_model_reconcile_interval < Duration::from_secs(1) {
             return Err("READ_MODEL_RECONCILE_INTERVAL must be at least 1s".to_owned());
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err("API_HEADER_READ_TIMEOUT must be greater than zero".to_owned());
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("API_IDLE_TIMEOUT must be greater than zero".to_owned());
+        }
+        if self
+            .admin_listen_addr
+            .is_some_and(|admin| admin == self.listen_addr)
+        {
+            return Err("API_ADMIN_LISTEN_ADDR must differ from API_LISTEN_ADDR".to_owned());
         }
         if self.request_timeout <= self.participants_refresh_wait {
             return Err(
@@ -194,11 +255,33 @@ impl MigrateArgs {
     }
 }
 
+/// An HS256 secret shorter than the hash (RFC 7518 §3.2) can be guessed offline from one token.
+fn check_secret_length(name: &str, secret: &SecretString) -> Result<(), String> {
+    let length = secret.expose_secret().len();
+    if length < crate::auth::MIN_SECRET_BYTES {
+        return Err(format!(
+            "{name} must be at least {} bytes long (RFC 7518 §3.2), it has {length}; generate one with `openssl rand -hex 32`",
+            crate::auth::MIN_SECRET_BYTES
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct TokenArgs {
-    /// HS256 secret to sign with
+    /// Mint tokens at all. Off by default: anyone with a shell in a pod could otherwise sign
+    /// a super_admin token; `make run` and local smoke tests turn it on
+    #[arg(long, env = "API_ALLOW_TOKEN_MINTING", default_value = "false", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub allow_token_minting: bool,
+
+    /// HS256 secret to sign with (at least 32 bytes)
     #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
     pub jwt_secret: SecretString,
+
+    /// Issuer claim (`iss`), for an api that sets JWT_ISSUER
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
 
     /// Role claim: super_admin, curator or operator
     #[arg(long, default_value = "super_admin")]
@@ -217,11 +300,39 @@ pub struct TokenArgs {
     pub ttl: Duration,
 }
 
+impl TokenArgs {
+    /// The signed token, or why none is minted (minting off, a short secret).
+    pub fn mint(&self) -> anyhow::Result<String> {
+        if !self.allow_token_minting {
+            anyhow::bail!(
+                "api token is off: minting tokens needs --allow-token-minting (API_ALLOW_TOKEN_MINTING=true), which production pods should never set"
+            );
+        }
+        check_secret_length("JWT_SECRET", &self.jwt_secret).map_err(anyhow::Error::msg)?;
+        let claims = crate::auth::Claims {
+            sub: self.sub.clone(),
+            role: self.role.clone(),
+            exp: chrono::Utc::now().timestamp() + self.ttl.as_secs() as i64,
+            university_id: self.university_id,
+            branch_id: None,
+            faculty_id: None,
+        };
+        let mut claims = serde_json::to_value(claims)?;
+        if let Some(issuer) = &self.jwt_issuer {
+            claims["iss"] = issuer.clone().into();
+        }
+        crate::auth::sign(&self.jwt_secret, &claims)
+            .map_err(|e| anyhow::anyhow!("cannot sign the token: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     #[test]
     fn verify_cli() {
@@ -229,7 +340,10 @@ mod tests {
     }
 
     fn serve(extra: &[&str]) -> ServeArgs {
-        let mut argv = vec!["api", "serve", "--jwt-secret", "0123456789abcdef0123"];
+        let mut argv = vec!["api", "serve"];
+        if !extra.contains(&"--jwt-secret") {
+            argv.extend_from_slice(&["--jwt-secret", SECRET]);
+        }
         if !extra.contains(&"--database-url") {
             argv.extend_from_slice(&["--database-url", "postgres://u:p@127.0.0.1:5432/db"]);
         }
@@ -289,7 +403,7 @@ mod tests {
     fn secrets_do_not_show_in_debug_output() {
         let args = serve(&[]);
         let printed = format!("{args:?}");
-        assert!(!printed.contains("0123456789abcdef0123"));
+        assert!(!printed.contains(SECRET));
         assert!(!printed.contains("u:p@"));
     }
 
@@ -303,6 +417,37 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Migrate(args) => args,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_jwt_secret_shorter_than_32_bytes_is_refused_naming_its_setting() {
+        let err = serve(&["--jwt-secret", "0123456789abcdef0123456789abcde"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.contains("JWT_SECRET") && err.contains("32 bytes"),
+            "{err}"
+        );
+        assert!(!err.contains("0123456789abcdef"), "{err}");
+        let err = serve(&["--jwt-previous-secret", "short-previous-secret"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("JWT_PREVIOUS_SECRET"), "{err}");
+        serve(&[
+            "--jwt-previous-secret",
+            "another-secret-0123456789abcdef-01",
+        ])
+        .validate()
+        .unwrap();
+    }
+
+    fn token(extra: &[&str]) -> TokenArgs {
+        let mut argv = vec!["api", "token", "--jwt-secret", SECRET];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Token(args) => args,
             other => panic!("parsed {other:?}"),
         }
     }
@@ -327,5 +472,34 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("MIGRATE_DATABASE_URL"), "{err}");
         assert!(!err.contains("owner:q"), "{err}");
+    }
+
+    #[test]
+    fn api_token_mints_nothing_unless_minting_is_allowed() {
+        let refused = token(&[]).mint().unwrap_err().to_string();
+        assert!(
+            refused.contains("--allow-token-minting")
+                && refused.contains("API_ALLOW_TOKEN_MINTING"),
+            "{refused}"
+        );
+        let minted = token(&["--allow-token-minting", "--jwt-issuer", "auth-service"])
+            .mint()
+            .unwrap();
+        let verifier = crate::auth::TokenVerifier::new(&SecretString::from(SECRET.to_owned()), &[])
+            .with_issuer(Some("auth-service"));
+        assert!(verifier.verify(Some(&format!("Bearer {minted}"))).is_ok());
+        let short = Cli::try_parse_from([
+            "api",
+            "token",
+            "--allow-token-minting",
+            "--jwt-secret",
+            "short",
+        ])
+        .map(|cli| match cli.command {
+            Command::Token(args) => args.mint().unwrap_err().to_string(),
+            other => panic!("parsed {other:?}"),
+        })
+        .unwrap();
+        assert!(short.contains("32 bytes"), "{short}");
     }
 }

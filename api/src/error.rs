@@ -30,6 +30,9 @@ pub enum ApiError {
     RefreshUnavailable(&'static str),
     #[error("request timed out")]
     Timeout,
+    /// More requests are in flight on this replica than API_MAX_CONCURRENT_REQUESTS.
+    #[error("the api is overloaded; retry")]
+    Overloaded,
     /// This caller asked for too many refreshes; the value is when it may ask again.
     #[error("too many refresh requests; retry after {} s", retry_after_secs(.0))]
     TooManyRequests(std::time::Duration),
@@ -64,6 +67,7 @@ impl ApiError {
             ApiError::DatabaseUnavailable(_)
             | ApiError::RefreshUnavailable(_)
             | ApiError::Timeout
+            | ApiError::Overloaded
             | ApiError::Loading => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -80,6 +84,7 @@ impl ApiError {
             ApiError::DatabaseUnavailable(_) => "database_unavailable",
             ApiError::RefreshUnavailable(_) => "refresh_unavailable",
             ApiError::Timeout => "timeout",
+            ApiError::Overloaded => "overloaded",
             ApiError::Loading => "loading",
             ApiError::Internal(_) => "internal_error",
             ApiError::TooManyRequests(_) => "too_many_requests",

@@ -22,6 +22,7 @@ pub mod read_path;
 pub mod refresh_gate;
 pub mod routes;
 pub mod scope;
+pub mod serve;
 pub mod state;
 pub mod waiters;
 
@@ -49,6 +50,25 @@ fn statement_timeout(args: &ServeArgs) -> Duration {
 pub async fn run(
     args: ServeArgs,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let admin = match args.admin_listen_addr {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on API_ADMIN_LISTEN_ADDR {address}"))?,
+        ),
+        None => None,
+    };
+    run_with_admin(args, listener, admin, shutdown).await
+}
+
+/// `run`, with the admin listener (`/metrics`, `/health/detailed`) already bound, or none: then
+/// the main listener serves those routes too.
+pub async fn run_with_admin(
+    args: ServeArgs,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = metrics::Metrics::new();
@@ -130,10 +150,15 @@ pub async fn run(
         db: db.clone(),
         cache,
         reads,
-        tokens: auth::TokenVerifier::new(&args.jwt_secret, &args.jwt_audience),
+        tokens: auth::TokenVerifier::new(&args.jwt_secret, &args.jwt_audience)
+            .with_previous_secret(args.jwt_previous_secret.as_ref())
+            .with_issuer(args.jwt_issuer.as_deref()),
         metrics,
         waiters,
         refresh_gate: refresh_gate.clone(),
+        detailed_health: Arc::new(routes::health::DetailedHealthCache::new(
+            args.health_detailed_cache,
+        )),
         settings: Arc::new(Settings {
             integration_enabled,
             refresh_wait: args.participants_refresh_wait,
@@ -147,15 +172,53 @@ pub async fn run(
         .context("listener has no local address")?;
     tracing::info!(%address, redis = !args.redis.disable_redis, integration = integration_enabled, "api listening");
 
+    let limits = serve::Limits {
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections as usize,
+    };
+    let router = routes::router(state);
+    let public = serve::limit_concurrency(router.clone(), args.max_concurrent_requests as usize);
     let draining = CancellationToken::new();
-    let drain_signal = draining.clone();
-    let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        drain_signal.cancel();
-    });
+    let mut servers = tokio::task::JoinSet::new();
+    match admin {
+        Some(admin) => {
+            let admin_address = admin
+                .local_addr()
+                .context("admin listener has no local address")?;
+            tracing::info!(address = %admin_address, "api admin listening (/metrics, /health/detailed)");
+            servers.spawn(serve::serve(
+                listener,
+                serve::without_admin_routes(public),
+                limits,
+                draining.clone(),
+            ));
+            // Prometheus and an operator: a few connections are plenty.
+            let admin_limits = serve::Limits {
+                max_connections: 64,
+                ..limits
+            };
+            servers.spawn(serve::serve_admin(
+                admin,
+                router,
+                admin_limits,
+                draining.clone(),
+            ));
+        }
+        None => {
+            servers.spawn(serve::serve(listener, public, limits, draining.clone()));
+        }
+    }
+    let drained = async { while servers.join_next().await.is_some() {} };
+    tokio::pin!(drained);
+    tokio::select! {
+        () = shutdown => {}
+        () = &mut drained => {}
+    }
+    draining.cancel();
     let result = tokio::select! {
-        result = server => result.context("http server failed"),
-        () = async { draining.cancelled().await; tokio::time::sleep(DRAIN_DEADLINE).await } => {
+        () = drained => Ok(()),
+        () = tokio::time::sleep(DRAIN_DEADLINE) => {
             tracing::warn!(deadline_s = DRAIN_DEADLINE.as_secs(), "in-flight requests did not finish in time");
             Ok(())
         }

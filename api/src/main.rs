@@ -53,19 +53,7 @@ fn main() -> ExitCode {
             }
             runtime().and_then(|rt| rt.block_on(api::migrate_with(&database, args.lock_timeout)))
         }
-        Command::Token(args) => {
-            let claims = api::auth::Claims {
-                sub: args.sub,
-                role: args.role,
-                exp: chrono::Utc::now().timestamp() + args.ttl.as_secs() as i64,
-                university_id: args.university_id,
-                branch_id: None,
-                faculty_id: None,
-            };
-            api::auth::sign(&args.jwt_secret, &claims)
-                .map(|token| println!("{token}"))
-                .context("cannot sign the token")
-        }
+        Command::Token(args) => args.mint().map(|token| println!("{token}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

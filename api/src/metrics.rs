@@ -25,6 +25,7 @@ pub struct Metrics {
     pub read_model_chats: IntGauge,
     pub read_model_rows: IntCounterVec,
     pub read_model_failures: IntCounter,
+    pub health_checks: IntCounter,
 }
 
 impl Metrics {
@@ -175,6 +176,10 @@ impl Metrics {
             "participants_read_model_sync_failures_total",
             "Times the read model lost or could not reach Postgres (it keeps serving what it holds)",
         );
+        let health_checks = counter(
+            "participants_api_health_checks_total",
+            "Dependency checks /health/detailed ran (its answer is reused for a second, so at most about one a second)",
+        );
         for priority in ["lazy", "manual"] {
             refresh_enqueued.with_label_values(&[priority]);
         }
@@ -199,6 +204,7 @@ impl Metrics {
             read_model_chats,
             read_model_rows,
             read_model_failures,
+            health_checks,
         }
     }
 

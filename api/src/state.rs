@@ -22,6 +22,8 @@ pub struct AppState {
     pub waiters: RefreshWaiters,
     pub refresh_gate: Arc<crate::refresh_gate::RefreshGate>,
     pub settings: Arc<Settings>,
+    /// The last `/health/detailed` answer, shared by its callers.
+    pub detailed_health: Arc<crate::routes::health::DetailedHealthCache>,
 }
 
 impl FromRef<AppState> for TokenVerifier {

@@ -12,7 +12,7 @@ use fred::prelude::*;
 use maxsim::{SimConfig, Simulator};
 use sqlx::PgPool;
 
-pub const JWT_SECRET: &str = "bench-secret-0123456789abcdef";
+pub const JWT_SECRET: &str = "bench-secret-0123456789abcdef-0123";
 const SIM_TOKEN: &str = "sim-token";
 
 /// The binary `name` beside this one (`cargo build --release -p api -p syncd`).

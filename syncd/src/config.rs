@@ -32,6 +32,10 @@ pub enum Command {
     Refresh(Box<RefreshArgs>),
     /// Print the fleet's state: streams, dead letters, replicas, last sweeps, freshness
     Status(Box<StatusArgs>),
+    /// Print one chat's whole state: cached count and its time, the Postgres row and sync
+    /// status, the last MAX answer or error, whether it is queued, in flight, dead-lettered or
+    /// backing off
+    Inspect(Box<InspectArgs>),
     /// Ask the running daemon's /health on SYNCD_LISTEN_ADDR; exit 0 when it answers 200 (a
     /// container healthcheck that needs no curl; `--path /health/live` for liveness)
     Health(HealthArgs),
@@ -347,6 +351,28 @@ pub struct StatusArgs {
 
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// The chat (`chats.id`, not the MAX id)
+    pub chat_id: i32,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl InspectArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        shared::db::connect_options(&self.database).map_err(|e| e.to_string())?;
+        shared::redis::validate_url(&self.redis).map_err(|e| e.to_string())
+    }
 }
 
 impl StatusArgs {

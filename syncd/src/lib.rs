@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 pub mod config;
 pub mod heartbeat;
 pub mod http;
+pub mod inspect;
 pub mod metrics;
 pub mod refresh;
 pub mod report;

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Sweep(args) => (args.validate(), &args.sync.log),
         Command::Refresh(args) => (args.sync.validate(), &args.sync.log),
         Command::Status(args) => (args.validate(), &args.log),
+        Command::Inspect(args) => (args.validate(), &args.log),
     };
     let _telemetry =
         match validation.and_then(|()| shared::telemetry::init(log, "participants-syncd")) {
@@ -63,6 +64,10 @@ fn main() -> ExitCode {
             }
             Command::Status(args) => {
                 print!("{}", syncd::report::status(&args).await?);
+                Ok(())
+            }
+            Command::Inspect(args) => {
+                print!("{}", syncd::inspect::inspect(&args).await?);
                 Ok(())
             }
             Command::Health(_) => Ok(()),

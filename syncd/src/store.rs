@@ -76,6 +76,31 @@ const TARGET_COLUMNS: &str = "c.id as chat_id, c.max_chat_id, p.participants_cou
      p.participants_updated_at, p.sync_status, p.checked_at, \
      coalesce(p.consecutive_failures, 0) as consecutive_failures, p.last_error";
 
+/// One chat as `syncd inspect` shows it: the legacy row's fields and syncd's view of it.
+pub struct InspectRow {
+    pub name: String,
+    pub legacy_count: Option<i32>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub target: Target,
+}
+
+pub async fn inspect_row(pool: &PgPool, id: i32) -> Result<Option<InspectRow>, sqlx::Error> {
+    let Some(target) = targets_by_id(pool, &[id]).await?.into_iter().next() else {
+        return Ok(None);
+    };
+    let (name, legacy_count, updated_at): (String, Option<i32>, Option<DateTime<Utc>>) =
+        sqlx::query_as("select name, participants_count, updated_at from chats where id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await?;
+    Ok(Some(InspectRow {
+        name,
+        legacy_count,
+        updated_at,
+        target,
+    }))
+}
+
 pub async fn targets_by_id(pool: &PgPool, ids: &[i32]) -> Result<Vec<Target>, sqlx::Error> {
     sqlx::query_as(&format!(
         "select {TARGET_COLUMNS} from chats c left join chat_participants p on p.chat_id = c.id \

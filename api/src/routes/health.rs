@@ -1,6 +1,6 @@
 //! Liveness and dependency health. None of these needs a token.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -125,13 +125,58 @@ async fn syncd_status(state: &AppState) -> SyncdStatus {
         (status = 200, description = "The api can serve", body = DetailedHealth),
         (status = 503, description = "Postgres is down", body = DetailedHealth),
     ))]
-pub async fn health_detailed(State(state): State<AppState>) -> (StatusCode, Json<DetailedHealth>) {
+pub async fn health_detailed(
+    State(state): State<AppState>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let arrived = Instant::now();
+    // One check at a time: callers queue here, and take the answer of a check that finished
+    // after they arrived, or of one younger than API_HEALTH_DETAILED_CACHE. However many
+    // call, Postgres and Redis are asked about once a second at most.
+    let mut last = state.detailed_health.last.lock().await;
+    if let Some(answer) = last.as_ref() {
+        if answer.at >= arrived || answer.at.elapsed() < state.detailed_health.ttl {
+            return (answer.code, Json(answer.body.clone()));
+        }
+    }
+    let (code, body) = check_dependencies(&state).await;
+    let body = serde_json::to_value(body).unwrap_or_default();
+    *last = Some(DetailedAnswer {
+        at: Instant::now(),
+        code,
+        body: body.clone(),
+    });
+    (code, Json(body))
+}
+
+/// The last `/health/detailed` answer, reused for `ttl`.
+pub struct DetailedHealthCache {
+    ttl: Duration,
+    last: tokio::sync::Mutex<Option<DetailedAnswer>>,
+}
+
+struct DetailedAnswer {
+    at: Instant,
+    code: StatusCode,
+    body: serde_json::Value,
+}
+
+impl DetailedHealthCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+async fn check_dependencies(state: &AppState) -> (StatusCode, DetailedHealth) {
+    state.metrics.health_checks.inc();
     let database_up = matches!(
         tokio::time::timeout(DATABASE_CHECK_TIMEOUT, postgres::ping(&state.db)).await,
         Ok(Ok(()))
     );
-    let redis = redis_status(&state).await;
-    let syncd = syncd_status(&state).await;
+    let redis = redis_status(state).await;
+    let syncd = syncd_status(state).await;
     let all_up = state.reads.model.is_loaded()
         && database_up
         && redis == "up"
@@ -144,15 +189,15 @@ pub async fn health_detailed(State(state): State<AppState>) -> (StatusCode, Json
     };
     (
         code,
-        Json(DetailedHealth {
+        DetailedHealth {
             status,
             database: DependencyStatus {
                 status: if database_up { "up" } else { "down" },
             },
             redis: DependencyStatus { status: redis },
             syncd,
-            read_model: read_model_status(&state),
-        }),
+            read_model: read_model_status(state),
+        },
     )
 }
 

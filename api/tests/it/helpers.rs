@@ -44,6 +44,9 @@ pub fn serve_args(pg: &PgServer, redis_url: &str) -> ServeArgs {
         "text",
         "--log-level",
         "warn",
+        // Each /health/detailed asks afresh: the fault tests look right after a change.
+        "--health-detailed-cache",
+        "0s",
     ])
     .expect("test arguments parse");
     match cli.command {
@@ -98,6 +101,9 @@ impl TestApp {
             address: "127.0.0.1:0".parse().unwrap(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                // Shorter than the api's API_HEADER_READ_TIMEOUT (10 s), which closes idle
+                // connections: a pooled one is never reused just as the api closes it.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap(),
             pg,

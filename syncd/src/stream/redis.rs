@@ -309,7 +309,7 @@ fn parse_read_reply(reply: Value) -> anyhow::Result<Vec<Entry>> {
 }
 
 /// Parses a list of `[id, [field, value, ...]]`; entries deleted meanwhile (nil) are skipped.
-fn parse_entries(stream: &str, list: Value) -> anyhow::Result<Vec<Entry>> {
+pub(crate) fn parse_entries(stream: &str, list: Value) -> anyhow::Result<Vec<Entry>> {
     let mut entries = Vec::new();
     let Value::Array(items) = list else {
         return Ok(entries);

@@ -7,7 +7,7 @@ use maxsim::SimConfig;
 
 use crate::helpers::{eventually, World};
 
-const JWT_SECRET: &str = "end-to-end-secret-0123456789";
+const JWT_SECRET: &str = "end-to-end-secret-0123456789abcdef";
 
 /// Starts the api against the world's Postgres and Redis, and waits until it uses Redis.
 pub async fn start_api(

@@ -6,6 +6,7 @@ mod database;
 mod end_to_end;
 mod healing;
 mod helpers;
+mod inspect;
 mod ops;
 mod real_life;
 mod scale_out;

@@ -85,7 +85,7 @@ async fn one_trace_runs_from_the_api_request_to_the_max_call() {
     let api = Command::new(sibling_binary("api"))
         .arg("serve")
         .args(["--listen-addr", &format!("127.0.0.1:{api_port}")])
-        .args(["--jwt-secret", "end-to-end-secret-0123456789"])
+        .args(["--jwt-secret", "end-to-end-secret-0123456789abcdef"])
         .envs(&env)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
