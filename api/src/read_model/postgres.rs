@@ -149,22 +149,16 @@ pub async fn predecessors(
     sqlx::query_as(&sql).bind(ids).fetch_all(conn).await
 }
 
-/// Each text column's whole order as the MD5 of its ids joined by commas (`md5('')` for an
-/// empty table), in one statement: reconciliation compares it with the model's own.
-pub async fn text_order_digests(
+/// A text column's whole order as the MD5 of its ids joined by commas (`md5('')` for an empty
+/// table): reconciliation compares it with the model's own, one column per statement.
+pub async fn text_order_digest(
     conn: &mut PgConnection,
-    columns: &[SortColumn],
-) -> Result<Vec<String>, sqlx::Error> {
-    let digests: Vec<String> = columns
-        .iter()
-        .map(|column| {
-            format!(
-                "coalesce(md5(string_agg(id::text, ',' order by {}, id)), md5(''))",
-                column.sql_name()
-            )
-        })
-        .collect();
-    let sql = format!("select array[{}] from chats", digests.join(", "));
+    column: SortColumn,
+) -> Result<String, sqlx::Error> {
+    let sql = format!(
+        "select coalesce(md5(string_agg(id::text, ',' order by {}, id)), md5('')) from chats",
+        column.sql_name()
+    );
     sqlx::query_scalar(&sql).fetch_one(conn).await
 }
 
