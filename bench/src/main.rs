@@ -48,6 +48,9 @@ enum Bench {
     Model {
         #[arg(long, default_value_t = 150_000)]
         chats: i32,
+        /// The `api` binary to measure (default: the one beside this bench binary)
+        #[arg(long)]
+        api: Option<std::path::PathBuf>,
         /// Another build's `api` binary to measure first, e.g. the previous release's
         #[arg(long)]
         old_api: Option<std::path::PathBuf>,
@@ -155,7 +158,11 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             connections,
         } => read::run(chats, seconds, connections).await?,
-        Bench::Model { chats, old_api } => model::run(chats, old_api).await?,
+        Bench::Model {
+            chats,
+            api,
+            old_api,
+        } => model::run(chats, api, old_api).await?,
         Bench::Drill { only } => drill::run(&only).await?,
         Bench::Shutdown => shutdown::run().await?,
         Bench::Soak {

@@ -32,7 +32,7 @@ struct Phase {
     peak_rss_mb: f64,
 }
 
-pub async fn run(chats: i32, old_api: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(chats: i32, api: Option<PathBuf>, old_api: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("bench-model-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let pg = testkit::PgServer::start();
@@ -41,7 +41,11 @@ pub async fn run(chats: i32, old_api: Option<PathBuf>) -> anyhow::Result<()> {
     shared::db::MIGRATOR.run(&db).await?;
     eprintln!("bench model: loading {chats} chats");
     crate::read::seed_chats(&db, chats).await?;
-    let mut builds = vec![("this build".to_owned(), sibling("api")?)];
+    let api = match api {
+        Some(api) => api,
+        None => sibling("api")?,
+    };
+    let mut builds = vec![(format!("new ({})", api.display()), api)];
     if let Some(old) = old_api {
         builds.insert(0, (format!("old ({})", old.display()), old));
     }
