@@ -26,6 +26,8 @@ pub struct Metrics {
     pub read_model_rows: IntCounterVec,
     pub read_model_failures: IntCounter,
     pub health_checks: IntCounter,
+    pub read_model_order_loads: IntCounterVec,
+    pub read_model_order_repairs: IntCounter,
 }
 
 impl Metrics {
@@ -180,6 +182,24 @@ impl Metrics {
             "participants_api_health_checks_total",
             "Dependency checks /health/detailed ran (its answer is reused for a second, so at most about one a second)",
         );
+        let read_model_order_loads = IntCounterVec::new(
+            Opts::new(
+                "participants_read_model_order_loads_total",
+                "Text sort orders brought up to date after a change, by how: placed (each moved row after the row Postgres puts before it) or whole (the column's whole order re-read)",
+            ),
+            &["how"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(read_model_order_loads.clone()))
+            .expect("metric registers once");
+        for how in ["placed", "whole"] {
+            read_model_order_loads.with_label_values(&[how]);
+        }
+        let read_model_order_repairs = counter(
+            "participants_read_model_order_repairs_total",
+            "Text sort orders that reconciliation found out of step with Postgres and re-read",
+        );
         for priority in ["lazy", "manual"] {
             refresh_enqueued.with_label_values(&[priority]);
         }
@@ -205,6 +225,8 @@ impl Metrics {
             read_model_rows,
             read_model_failures,
             health_checks,
+            read_model_order_loads,
+            read_model_order_repairs,
         }
     }
 

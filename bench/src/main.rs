@@ -24,6 +24,7 @@ struct Cli {
 
 mod drill;
 mod fresh;
+mod model;
 mod read;
 mod shutdown;
 mod soak;
@@ -40,6 +41,19 @@ enum Bench {
         seconds: u64,
         #[arg(long, default_value_t = 64)]
         connections: u32,
+    },
+    /// The read model under changes: read latency and peak memory through a full reload and a
+    /// 50,000-row rename, and new rows per second visible; with --old-api, another build's
+    /// figures on the same data first
+    Model {
+        #[arg(long, default_value_t = 150_000)]
+        chats: i32,
+        /// The `api` binary to measure (default: the one beside this bench binary)
+        #[arg(long)]
+        api: Option<std::path::PathBuf>,
+        /// Another build's `api` binary to measure first, e.g. the previous release's
+        #[arg(long)]
+        old_api: Option<std::path::PathBuf>,
     },
     /// SIGTERM to a busy syncd with MAX up, MAX down and Redis down: time to exit against the
     /// grace period, and MAX calls after the signal
@@ -144,6 +158,11 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             connections,
         } => read::run(chats, seconds, connections).await?,
+        Bench::Model {
+            chats,
+            api,
+            old_api,
+        } => model::run(chats, api, old_api).await?,
         Bench::Drill { only } => drill::run(&only).await?,
         Bench::Shutdown => shutdown::run().await?,
         Bench::Soak {

@@ -217,13 +217,9 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<()> {
-    let dir = tempfile_dir()?;
-    let pg = testkit::PgServer::start();
-    let mut redis = testkit::RedisServer::start();
-    let db = sqlx::PgPool::connect(&pg.url()).await?;
-    shared::db::MIGRATOR.run(&db).await?;
-    eprintln!("bench read: loading {chats} chats");
+/// `chats` rows as the legacy service wrote them (a group's name, a department, a source), with
+/// a synced count each, analysed.
+pub async fn seed_chats(db: &sqlx::PgPool, chats: i32) -> anyhow::Result<()> {
     sqlx::query(
         "insert into chats (name, url, max_chat_id, participants_count, university_id, department, source, external_chat_id) \
          select (array['Математика','Физика','История','Информатика','Химия','Биология','Право','Экономика'])[1 + g % 8] \
@@ -234,18 +230,29 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
          from generate_series(1, $1) g",
     )
     .bind(chats)
-    .execute(&db)
+    .execute(db)
     .await?;
     sqlx::query(
         "insert into chat_participants (chat_id, participants_count, participants_updated_at, sync_status, checked_at) \
          select id, participants_count, now(), 'active', now() from chats",
     )
-    .execute(&db)
+    .execute(db)
     .await?;
-    sqlx::query("vacuum analyze chats").execute(&db).await?;
+    sqlx::query("vacuum analyze chats").execute(db).await?;
     sqlx::query("vacuum analyze chat_participants")
-        .execute(&db)
+        .execute(db)
         .await?;
+    Ok(())
+}
+
+pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let pg = testkit::PgServer::start();
+    let mut redis = testkit::RedisServer::start();
+    let db = sqlx::PgPool::connect(&pg.url()).await?;
+    shared::db::MIGRATOR.run(&db).await?;
+    eprintln!("bench read: loading {chats} chats");
+    seed_chats(&db, chats).await?;
     // Every count fresh in Redis, as after a full sweep.
     let client = Client::new(Config::from_url(&redis.url())?, None, None, None);
     client.init().await?;

@@ -14,30 +14,51 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, RwLock};
 
+mod change;
+mod order;
 pub mod postgres;
+mod postings;
 pub mod query;
 pub mod search;
+mod slots;
 pub mod sync;
 
+pub use change::{Applied, Delta, TextOrder};
+use order::Order;
 pub use postgres::ChatRecord;
 use postgres::{LoadedRow, RowVersion};
 use search::{Lowercase, MatchCache, MatchSet, TrigramIndex};
+use slots::Slots;
 
 use crate::scope::Scope;
 use query::{ListQuery, SortColumn, SortOrder};
 
 /// The read model as handlers see it: empty until the first load, then always answering.
+///
+/// Reads never wait on a change: a change set is planned under the read lock (readers go on)
+/// and installed under the write lock by swapping the pieces it replaces, which are freed
+/// after the lock is released. The lock cannot be poisoned: a panic while planning leaves the
+/// model as it was, and every later read answers.
 #[derive(Default)]
 pub struct ReadModel {
     model: RwLock<Option<Model>>,
+    /// Held by the one writer from planning to installing, so that no other change lands
+    /// between them (a plan names slots by the model it was planned on).
+    writer: Mutex<()>,
     /// Unix ms of the last moment the model was known to match Postgres; 0 before the first load.
     synced_at_ms: AtomicI64,
+    /// Run while a change set is being planned, for tests that prove reads go on meanwhile.
+    planning_hook: Mutex<Option<PlanningHook>>,
 }
+
+/// See `ReadModel::set_planning_hook`.
+pub type PlanningHook = Arc<dyn Fn() + Send + Sync>;
 
 /// A page chosen from the model: the chats in order, and how many match in all.
 #[derive(Debug)]
@@ -86,7 +107,7 @@ impl ReadModel {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Model) -> T) -> Option<T> {
-        let guard = self.model.read().expect("read model lock");
+        let guard = self.model.read();
         guard.as_ref().map(f)
     }
 
@@ -106,23 +127,79 @@ impl ReadModel {
         })
     }
 
-    /// Replaces the whole model (a full load).
+    /// Replaces the whole model (a full load). The old one is freed after the lock is
+    /// released, and off the async workers when there are some (freeing a million rows takes
+    /// a while).
     pub fn replace(&self, model: Model) {
-        *self.model.write().expect("read model lock") = Some(model);
+        let old = {
+            let _writer = self.writer.lock();
+            self.model.write().replace(model)
+        };
         self.mark_synced();
+        free_off_the_workers(old);
     }
 
-    /// The text columns whose order changes if `rows` are applied (a new row changes all).
-    pub fn text_columns_changed_by(&self, rows: &[LoadedRow]) -> Vec<SortColumn> {
-        self.read(|model| model.text_columns_changed_by(rows))
+    /// For each text column, the ids among `rows` whose place in its order may change: new
+    /// rows, and rows whose text in that column changed. Columns without any are left out.
+    pub fn text_moves(&self, rows: &[LoadedRow]) -> Vec<(SortColumn, Vec<i32>)> {
+        self.read(|model| model.text_moves(rows))
             .unwrap_or_default()
     }
 
-    /// Applies a set of changed rows; `None` when there is no model to apply them to.
-    pub fn apply(&self, delta: Delta) -> Option<()> {
-        let mut guard = self.model.write().expect("read model lock");
-        guard.as_mut()?.apply(delta);
-        Some(())
+    /// Whether the model holds every one of `anchors` (id, `chat_version`) at that version:
+    /// rows placed after them then land where Postgres has them.
+    pub fn holds_current(&self, anchors: &[(i32, i64)]) -> bool {
+        self.read(|model| {
+            anchors.iter().all(|(id, version)| {
+                model
+                    .entry_of(*id)
+                    .is_some_and(|entry| entry.version.chat_version == *version)
+            })
+        })
+        .unwrap_or(false)
+    }
+
+    /// Applies a set of changed rows: planned while reads go on, then swapped in. Blocking and
+    /// CPU-heavy for a large set: call it from `spawn_blocking`. `None` when there is no model
+    /// to apply them to. A panic while planning leaves the model as it was.
+    pub fn apply(&self, delta: Delta) -> Option<Applied> {
+        let _writer = self.writer.lock();
+        let hook = self.planning_hook.lock().clone();
+        let plan = {
+            let guard = self.model.read();
+            let model = guard.as_ref()?;
+            if let Some(hook) = hook {
+                hook();
+            }
+            model.plan(delta)
+        };
+        let applied = plan.applied();
+        let replaced = self.model.write().as_mut()?.install(plan);
+        drop(replaced);
+        Some(applied)
+    }
+
+    /// Each text column's order as the MD5 of its ids joined by commas, as
+    /// `postgres::text_order_digests` computes Postgres' own.
+    pub fn text_order_digests(&self) -> Vec<(SortColumn, String)> {
+        self.read(Model::text_order_digests).unwrap_or_default()
+    }
+
+    /// Runs `hook` (when `Some`) while each later change set is planned, under the read lock.
+    /// Tests use it to hold a plan and prove that reads answer meanwhile, or to panic in one.
+    #[doc(hidden)]
+    pub fn set_planning_hook(&self, hook: Option<PlanningHook>) {
+        *self.planning_hook.lock() = hook;
+    }
+
+    /// Puts a text column's order out of step with Postgres (reversed), as a lost race would;
+    /// for tests of the repair.
+    #[doc(hidden)]
+    pub fn drift_text_order(&self, column: SortColumn) {
+        let _writer = self.writer.lock();
+        if let Some(model) = self.model.write().as_mut() {
+            model.drift_text_order(column);
+        }
     }
 
     /// Every chat's id and version, in id order, for reconciliation.
@@ -139,6 +216,15 @@ impl ReadModel {
             .unwrap_or_default();
         versions.sort_unstable_by_key(|(id, _)| *id);
         versions
+    }
+}
+
+/// Frees `value` on the blocking pool when called on a runtime (a whole model takes long to
+/// free, and the async workers serve the reads), else right here.
+fn free_off_the_workers<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+        Err(_) => drop(value),
     }
 }
 
@@ -270,18 +356,18 @@ impl Entry {
     }
 }
 
-/// Rows of a full load, compacted as they stream in, into the very vector the model then keeps:
+/// Rows of a full load, compacted as they stream in, into the very slots the model then keeps:
 /// the load never holds the rows twice, nor a doubled vector's spare half.
 #[derive(Default)]
 pub struct LoadBuffer {
-    entries: Vec<Option<Entry>>,
+    entries: Slots<Entry>,
 }
 
 impl LoadBuffer {
     /// A buffer for `n` rows (a count taken in the load's snapshot).
     pub fn with_capacity(n: usize) -> Self {
         Self {
-            entries: Vec::with_capacity(n),
+            entries: Slots::with_capacity(n),
         }
     }
 
@@ -296,35 +382,6 @@ impl LoadBuffer {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-}
-
-/// One sort column's order: live slots by `(column, id)` ascending, and each slot's place in it.
-#[derive(Default)]
-struct Order {
-    slots: Vec<u32>,
-    /// `position[slot]`: where the slot stands in `slots` (`u32::MAX` for a dead slot).
-    position: Vec<u32>,
-}
-
-impl Order {
-    fn reindex(&mut self, n_slots: usize) {
-        self.position.clear();
-        self.position.resize(n_slots, u32::MAX);
-        for (at, slot) in self.slots.iter().enumerate() {
-            self.position[*slot as usize] = at as u32;
-        }
-    }
-}
-
-/// Rows changed in Postgres, loaded from one snapshot.
-#[derive(Debug, Default)]
-pub struct Delta {
-    /// Rows that exist (new or changed).
-    pub rows: Vec<LoadedRow>,
-    /// Ids that were asked for and no longer exist.
-    pub deleted: Vec<i32>,
-    /// Fresh orders of the text columns the rows change, from the same snapshot.
-    pub text_orders: Vec<(SortColumn, Vec<i32>)>,
 }
 
 /// Orders NULLs after every value, as Postgres does in ascending order.
@@ -374,7 +431,7 @@ fn record_text(column: SortColumn, record: &ChatRecord) -> Option<&str> {
 
 /// The model itself: rows in slots, an order per sort column, and the search index.
 pub struct Model {
-    entries: Vec<Option<Entry>>,
+    entries: Slots<Entry>,
     by_id: HashMap<i32, u32>,
     n_live: usize,
     /// Chats per `university_id`, for the total of a scoped page without search.
@@ -403,18 +460,16 @@ impl Model {
             cache: MatchCache::default(),
             lowercase,
         };
-        for (slot, entry) in model.entries.iter().enumerate() {
-            let entry = entry.as_ref().expect("a loaded row is live");
+        for (slot, entry) in model.entries.live() {
             // Ids are the primary key, so each arrives once.
-            model.by_id.insert(entry.id, slot as u32);
+            model.by_id.insert(entry.id, slot);
         }
         model.n_live = model.by_id.len();
-        let entries = &model.entries;
         model.index = TrigramIndex::build(
-            entries
-                .iter()
-                .enumerate()
-                .filter_map(|(slot, entry)| entry.as_ref().map(|e| (slot as u32, e.document()))),
+            model
+                .entries
+                .live()
+                .map(|(slot, entry)| (slot, entry.document())),
             model.n_live,
         );
         for column in SortColumn::ALL {
@@ -423,14 +478,14 @@ impl Model {
             }
         }
         for (column, ids) in text_orders {
-            model.set_text_order(column, &ids);
+            model.orders[column.index()] = model.order_from_ids(&ids);
         }
         model.count_universities();
         model
     }
 
     fn entry(&self, slot: u32) -> Option<&Entry> {
-        self.entries.get(slot as usize).and_then(Option::as_ref)
+        self.entries.get(slot)
     }
 
     fn entry_of(&self, id: i32) -> Option<&Entry> {
@@ -438,11 +493,7 @@ impl Model {
     }
 
     fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter(|(_, entry)| entry.is_some())
-            .map(|(slot, _)| slot as u32)
+        self.entries.live().map(|(slot, _)| slot)
     }
 
     fn count_universities(&mut self) {
@@ -459,172 +510,19 @@ impl Model {
     fn sort_column(&mut self, column: SortColumn) {
         let mut slots: Vec<u32> = self.live_slots().collect();
         let entries = &self.entries;
-        let entry = |slot: &u32| entries[*slot as usize].as_ref().expect("live slot");
+        let entry = |slot: &u32| entries.get(*slot).expect("live slot");
         slots.sort_unstable_by(|a, b| compare(column, entry(a), entry(b)));
-        let order = &mut self.orders[column.index()];
-        order.slots = slots;
-        order.reindex(self.entries.len());
+        self.orders[column.index()] = Order::from_slots(slots, self.entries.len());
     }
 
-    /// Sets a text column's order from Postgres' ids. Ids the model does not hold are skipped;
-    /// live slots Postgres did not name (a row inserted after that snapshot, whose notification
-    /// is on its way) go last until the next order arrives.
-    fn set_text_order(&mut self, column: SortColumn, ids: &[i32]) {
-        let mut seen = vec![false; self.entries.len()];
-        let mut slots = Vec::with_capacity(self.n_live);
-        for id in ids {
-            if let Some(&slot) = self.by_id.get(id) {
-                if !std::mem::replace(&mut seen[slot as usize], true) {
-                    slots.push(slot);
-                }
-            }
-        }
-        let mut missing: Vec<u32> = self
-            .live_slots()
-            .filter(|slot| !seen[*slot as usize])
-            .collect();
-        missing.sort_unstable_by_key(|slot| self.entry(*slot).map(|entry| entry.id));
-        slots.extend(missing);
-        let order = &mut self.orders[column.index()];
-        order.slots = slots;
-        order.reindex(self.entries.len());
-    }
-
-    fn text_columns_changed_by(&self, rows: &[LoadedRow]) -> Vec<SortColumn> {
-        SortColumn::ALL
-            .into_iter()
-            .filter(|column| column.is_text())
-            .filter(|column| {
-                rows.iter().any(|row| match self.entry_of(row.record.id) {
-                    None => true,
-                    Some(entry) => {
-                        entry.text(text_field(*column)) != record_text(*column, &row.record)
-                    }
-                })
-            })
-            .collect()
-    }
-
-    fn apply(&mut self, delta: Delta) {
-        let mut touched: Vec<u32> = Vec::new();
-        let mut removed_any = false;
-        let mut added_any = false;
-        let mut documents_changed = false;
-        let mut universities_changed = false;
-        // Which self-sorted columns must be re-placed: most changes (syncd's counts) move one or
-        // two, and re-placing costs a pass over the order under the write lock.
-        let mut moved = [false; SortColumn::ALL.len()];
-        for id in delta.deleted {
-            if let Some(slot) = self.by_id.remove(&id) {
-                if let Some(entry) = self.entries[slot as usize].take() {
-                    self.index.remove(slot, entry.document());
-                    self.n_live -= 1;
-                    removed_any = true;
-                    documents_changed = true;
-                    touched.push(slot);
-                }
-            }
-        }
-        for row in delta.rows {
-            let entry = Entry::new(row);
-            match self.by_id.get(&entry.id).copied() {
-                Some(slot) => {
-                    let old = self.entries[slot as usize]
-                        .as_mut()
-                        .expect("an id maps to a live slot");
-                    if old.document() != entry.document() {
-                        self.index.remove(slot, old.document());
-                        self.index.insert(slot, entry.document());
-                        documents_changed = true;
-                    }
-                    universities_changed |= old.university_id != entry.university_id;
-                    for column in SortColumn::ALL.into_iter().filter(|c| !c.is_text()) {
-                        moved[column.index()] |= compare(column, old, &entry) != Ordering::Equal;
-                    }
-                    *old = entry;
-                    touched.push(slot);
-                }
-                None => {
-                    let slot = self.entries.len() as u32;
-                    self.by_id.insert(entry.id, slot);
-                    self.index.insert(slot, entry.document());
-                    self.entries.push(Some(entry));
-                    self.n_live += 1;
-                    added_any = true;
-                    documents_changed = true;
-                    touched.push(slot);
-                }
-            }
-        }
-        if touched.is_empty() {
-            return;
-        }
-        touched.sort_unstable();
-        touched.dedup();
-        for column in SortColumn::ALL {
-            if !column.is_text() && (removed_any || added_any || moved[column.index()]) {
-                self.merge_into_order(column, &touched);
-            }
-        }
-        let mut refreshed = vec![false; SortColumn::ALL.len()];
-        for (column, ids) in &delta.text_orders {
-            self.set_text_order(*column, ids);
-            refreshed[column.index()] = true;
-        }
-        for column in SortColumn::ALL {
-            let stale = self.orders[column.index()].position.len() != self.entries.len();
-            if column.is_text() && !refreshed[column.index()] && (removed_any || stale) {
-                // Without a fresh order from Postgres: keep the known order of the live rows,
-                // and put any new one last until its order arrives.
-                let known: Vec<i32> = self.orders[column.index()]
-                    .slots
-                    .iter()
-                    .filter_map(|slot| self.entry(*slot).map(|entry| entry.id))
-                    .collect();
-                self.set_text_order(column, &known);
-            }
-        }
-        if removed_any || added_any || universities_changed {
-            self.count_universities();
-        }
-        if documents_changed {
-            self.cache.clear();
-        }
-    }
-
-    /// Re-places `touched` slots in a self-sorted column: out of the order, sorted among
-    /// themselves, and merged back in, so a small change costs one pass, not a sort.
-    fn merge_into_order(&mut self, column: SortColumn, touched: &[u32]) {
-        let entries = &self.entries;
-        let entry = |slot: u32| entries[slot as usize].as_ref().expect("live slot");
-        let order = &mut self.orders[column.index()];
-        let kept: Vec<u32> = order
-            .slots
-            .iter()
-            .copied()
-            .filter(|slot| touched.binary_search(slot).is_err())
-            .collect();
-        let mut moved: Vec<u32> = touched
-            .iter()
-            .copied()
-            .filter(|slot| entries[*slot as usize].is_some())
-            .collect();
-        moved.sort_unstable_by(|a, b| compare(column, entry(*a), entry(*b)));
-        let mut merged = Vec::with_capacity(kept.len() + moved.len());
-        let (mut i, mut j) = (0, 0);
-        while i < kept.len() && j < moved.len() {
-            if compare(column, entry(kept[i]), entry(moved[j])) == Ordering::Less {
-                merged.push(kept[i]);
-                i += 1;
-            } else {
-                merged.push(moved[j]);
-                j += 1;
-            }
-        }
-        merged.extend_from_slice(&kept[i..]);
-        merged.extend_from_slice(&moved[j..]);
-        order.slots = merged;
-        order.reindex(entries.len());
+    /// A text column's order from Postgres' ids (see `order::from_ids`).
+    fn order_from_ids(&self, ids: &[i32]) -> Order {
+        order::from_ids(
+            ids,
+            |id| self.by_id.get(&id).copied(),
+            self.entries.live().map(|(slot, entry)| (slot, entry.id)),
+            self.entries.len(),
+        )
     }
 
     /// The slots whose document contains `word`, from the cache when it is there.
@@ -768,7 +666,12 @@ mod tests {
 
     use super::*;
 
-    fn row(id: i32, name: &str, count: Option<i32>, university_id: Option<i32>) -> LoadedRow {
+    pub(super) fn row(
+        id: i32,
+        name: &str,
+        count: Option<i32>,
+        university_id: Option<i32>,
+    ) -> LoadedRow {
         LoadedRow {
             record: ChatRecord {
                 id,
@@ -793,7 +696,7 @@ mod tests {
         }
     }
 
-    fn query(sort: SortColumn, order: SortOrder, words: &[&str]) -> ListQuery {
+    pub(super) fn query(sort: SortColumn, order: SortOrder, words: &[&str]) -> ListQuery {
         ListQuery {
             limit: 50,
             offset: 0,
@@ -803,11 +706,11 @@ mod tests {
         }
     }
 
-    fn ids(selection: &Selection) -> Vec<i32> {
+    pub(super) fn ids(selection: &Selection) -> Vec<i32> {
         selection.chats.iter().map(|chat| chat.id).collect()
     }
 
-    fn model() -> Model {
+    pub(super) fn model() -> Model {
         let rows = vec![
             row(1, "b", Some(5), Some(1)),
             row(2, "a", None, Some(2)),
@@ -820,20 +723,16 @@ mod tests {
         for row in rows {
             buffer.push(row);
         }
-        let mut model = Model::build(
-            buffer,
-            vec![(SortColumn::Name, names)],
-            Lowercase::default(),
-        );
+        let mut text_orders = vec![(SortColumn::Name, names)];
         for column in [
             SortColumn::Url,
             SortColumn::MaxChatId,
             SortColumn::Department,
             SortColumn::Source,
         ] {
-            model.set_text_order(column, &[1, 2, 3, 4]);
+            text_orders.push((column, vec![1, 2, 3, 4]));
         }
-        model
+        Model::build(buffer, text_orders, Lowercase::default())
     }
 
     #[test]
@@ -870,7 +769,7 @@ mod tests {
         model.apply(Delta {
             rows: vec![row(1, "b", Some(0), Some(1)), row(5, "d", Some(3), Some(1))],
             deleted: vec![3],
-            text_orders: vec![(SortColumn::Name, vec![2, 4, 1, 5])],
+            text_orders: vec![(SortColumn::Name, TextOrder::Whole(vec![2, 4, 1, 5]))],
         });
         let by_count = model.page(
             Scope::All,

@@ -1,5 +1,6 @@
 //! The read model's SQL: the whole table, a set of rows, each text column's order under the
-//! database's collation, row versions for reconciliation, and the database's lowercase map.
+//! database's collation (whole, a digest of it, or the place of single rows in it), row
+//! versions for reconciliation, and the database's lowercase map.
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -111,6 +112,54 @@ pub async fn text_order(
 ) -> Result<Vec<i32>, sqlx::Error> {
     let sql = format!("select id from chats order by {}, id", column.sql_name());
     sqlx::query_scalar(&sql).fetch_all(conn).await
+}
+
+/// Where Postgres puts a row in a text column's order: the row right before it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Predecessor {
+    pub id: i32,
+    /// The row right before it in `order by <column>, id`; `None` when it comes first.
+    pub before: Option<i32>,
+    /// That row's `chat_version`, so the caller can tell whether the model holds it as is.
+    pub before_version: Option<i64>,
+}
+
+/// For each of `ids`, the row right before it in `order by <column>, id` under the database's
+/// collation: how a new or renamed row is placed without re-reading the whole order. Each is
+/// one descent of the `(<column>, id)` index (migrations `index_chats_<column>_id`). A row
+/// comparison with a NULL is NULL, so a NULL value (which sorts last) is asked for apart:
+/// before it come the NULL rows of smaller id, else the last row with a value.
+pub async fn predecessors(
+    conn: &mut PgConnection,
+    column: SortColumn,
+    ids: &[i32],
+) -> Result<Vec<Predecessor>, sqlx::Error> {
+    let col = column.sql_name();
+    let sql = format!(
+        "select n.id, b.id as before, b.xmin::text::bigint as before_version \
+         from chats n left join chats b on b.id = case when n.{col} is null then coalesce( \
+           (select c.id from chats c where c.{col} is null and c.id < n.id \
+            order by c.{col} desc, c.id desc limit 1), \
+           (select c.id from chats c where c.{col} is not null \
+            order by c.{col} desc, c.id desc limit 1)) \
+         else (select c.id from chats c where (c.{col}, c.id) < (n.{col}, n.id) \
+            order by c.{col} desc, c.id desc limit 1) end \
+         where n.id = any($1)"
+    );
+    sqlx::query_as(&sql).bind(ids).fetch_all(conn).await
+}
+
+/// A text column's whole order as the MD5 of its ids joined by commas (`md5('')` for an empty
+/// table): reconciliation compares it with the model's own, one column per statement.
+pub async fn text_order_digest(
+    conn: &mut PgConnection,
+    column: SortColumn,
+) -> Result<String, sqlx::Error> {
+    let sql = format!(
+        "select coalesce(md5(string_agg(id::text, ',' order by {}, id)), md5('')) from chats",
+        column.sql_name()
+    );
+    sqlx::query_scalar(&sql).fetch_one(conn).await
 }
 
 /// How many chats the load will stream, so its buffer is allocated once.

@@ -1,7 +1,8 @@
 //! Keeping the read model in step with Postgres: a full load at start-up, then the changed ids
-//! that the triggers notify (gathered for a moment and reloaded from one snapshot), a heartbeat
-//! on the listening connection while idle, and a periodic reconciliation of row versions that
-//! heals whatever a lost notification or a reconnect missed.
+//! that the triggers notify (gathered for a moment and reloaded from one snapshot, each moved
+//! row placed in the text orders after the row Postgres puts before it), a heartbeat on the
+//! listening connection while idle, and a periodic reconciliation of row versions and of each
+//! text order's digest that heals whatever a lost notification, a reconnect or a race missed.
 //!
 //! Postgres going away never empties the model: reads go on from what was loaded, the model's
 //! age grows (it is exported), and the loop reconnects with backoff and reconciles.
@@ -10,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::postgres::{self, CHANGES_CHANNEL, RELOAD_ALL};
 use super::query::SortColumn;
 use super::search::Lowercase;
-use super::{Delta, LoadBuffer, Model, ReadModel};
+use super::{Applied, Delta, LoadBuffer, Model, ReadModel, TextOrder};
 use crate::metrics::Metrics;
 
 /// How long notifications are gathered before the rows they name are reloaded together.
@@ -27,6 +28,9 @@ const BATCH_WINDOW: Duration = Duration::from_millis(50);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// More changed ids than this in one batch are cheaper to take with a full load.
 const MAX_BATCH_IDS: usize = 50_000;
+/// When more than one chat in this many moves in a text column, its whole order is re-read
+/// rather than each row placed (one index descent per row against one ordered scan).
+const WHOLE_ORDER_SHARE: usize = 16;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -77,7 +81,7 @@ pub async fn run(
 }
 
 struct Syncer<'a> {
-    model: &'a ReadModel,
+    model: &'a Arc<ReadModel>,
     pool: &'a PgPool,
     metrics: &'a Metrics,
 }
@@ -217,7 +221,9 @@ impl Syncer<'_> {
         Ok(())
     }
 
-    /// Reloads the named chats (and the text orders they change) from one snapshot.
+    /// Reloads the named chats from one snapshot, with where Postgres puts each moved row in the
+    /// text orders, and applies them. A panic while applying is an error: the model is left
+    /// as it was.
     async fn reload(&self, ids: &[i32], reason: &'static str) -> anyhow::Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -234,19 +240,46 @@ impl Syncer<'_> {
             .copied()
             .filter(|id| !found.contains(id))
             .collect();
+        let n_chats = self.model.n_chats().max(rows.len());
         let mut text_orders = Vec::new();
-        for column in self.model.text_columns_changed_by(&rows) {
-            let order = postgres::text_order(&mut tx, column)
-                .await
-                .context("cannot reload a sort order")?;
+        for (column, moved) in self.model.text_moves(&rows) {
+            let placed = if moved.len().saturating_mul(WHOLE_ORDER_SHARE) > n_chats {
+                None
+            } else {
+                self.place(&mut tx, column, &moved, &found).await?
+            };
+            let order = match placed {
+                Some(placed) => placed,
+                None => TextOrder::Whole(
+                    postgres::text_order(&mut tx, column)
+                        .await
+                        .context("cannot reload a sort order")?,
+                ),
+            };
+            let how = match order {
+                TextOrder::Placed(_) => "placed",
+                TextOrder::Whole(_) => "whole",
+            };
+            self.metrics
+                .read_model_order_loads
+                .with_label_values(&[how])
+                .inc();
             text_orders.push((column, order));
         }
         tx.commit().await.context("cannot finish a reload")?;
-        self.model.apply(Delta {
-            rows,
-            deleted,
-            text_orders,
-        });
+        let applied = self
+            .apply(Delta {
+                rows,
+                deleted,
+                text_orders,
+            })
+            .await?;
+        if applied.provisional > 0 {
+            tracing::debug!(
+                chats = applied.provisional,
+                "read model placed chats last in a sort order until their place is known"
+            );
+        }
         self.metrics
             .read_model_rows
             .with_label_values(&[reason])
@@ -254,6 +287,104 @@ impl Syncer<'_> {
         self.metrics
             .read_model_chats
             .set(self.model.n_chats() as i64);
+        Ok(())
+    }
+
+    /// Where Postgres puts `moved` in `column`'s order, as predecessors; `None` when one of
+    /// them is a row the model does not hold as it is in this snapshot (its own notification
+    /// is on its way), so that placing after it could put a row in the wrong place for good.
+    async fn place(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        column: SortColumn,
+        moved: &[i32],
+        batch: &HashSet<i32>,
+    ) -> anyhow::Result<Option<TextOrder>> {
+        let placed = postgres::predecessors(tx, column, moved)
+            .await
+            .context("cannot place changed chats in a sort order")?;
+        // Rows of this batch are placed or re-read with it; the rest must be held as they are.
+        let anchors: Vec<(i32, i64)> = placed
+            .iter()
+            .filter_map(|p| p.before.zip(p.before_version))
+            .filter(|(id, _)| !batch.contains(id))
+            .collect();
+        if !self.model.holds_current(&anchors) {
+            return Ok(None);
+        }
+        Ok(Some(TextOrder::Placed(
+            placed.into_iter().map(|p| (p.id, p.before)).collect(),
+        )))
+    }
+
+    /// Applies `delta` on the blocking pool (planning a large change is CPU work the async
+    /// workers must not do); a panic in it becomes an error.
+    async fn apply(&self, delta: Delta) -> anyhow::Result<Applied> {
+        let model = Arc::clone(self.model);
+        match tokio::task::spawn_blocking(move || model.apply(delta)).await {
+            Ok(applied) => Ok(applied.unwrap_or_default()),
+            Err(error) if error.is_panic() => Err(anyhow!(
+                "applying changed chats to the read model panicked; the model is unchanged"
+            )),
+            Err(error) => Err(error).context("applying changed chats to the read model failed"),
+        }
+    }
+
+    /// Compares each text column's order with Postgres' by digest, and re-reads a column that
+    /// differs: an order can drift for good (a rename and back racing another batch), which
+    /// row versions cannot show.
+    async fn repair_orders(&self) -> anyhow::Result<()> {
+        let model = Arc::clone(self.model);
+        let ours = tokio::task::spawn_blocking(move || model.text_order_digests())
+            .await
+            .context("digesting the read model's sort orders failed")?;
+        if ours.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .context("cannot compare sort orders")?;
+        let mut differing = Vec::new();
+        for (column, ours) in ours {
+            match postgres::text_order_digest(&mut conn, column).await {
+                Ok(theirs) if theirs == ours => {}
+                Ok(_) => differing.push(column),
+                // Not worth failing the session over: row versions were reconciled, and the
+                // next round tries again (a very large table may outlast the statement timeout).
+                Err(error) => {
+                    tracing::warn!(
+                        error = %error,
+                        column = column.sql_name(),
+                        "read model cannot compare a sort order with postgres"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        drop(conn);
+        for column in differing {
+            let mut tx = postgres::snapshot(self.pool)
+                .await
+                .context("cannot start a sort order repair")?;
+            let ids = postgres::text_order(&mut tx, column)
+                .await
+                .context("cannot reload a sort order")?;
+            tx.commit()
+                .await
+                .context("cannot finish a sort order repair")?;
+            self.apply(Delta {
+                text_orders: vec![(column, TextOrder::Whole(ids))],
+                ..Delta::default()
+            })
+            .await?;
+            self.metrics.read_model_order_repairs.inc();
+            tracing::warn!(
+                column = column.sql_name(),
+                "read model repaired a sort order that had drifted from postgres"
+            );
+        }
         Ok(())
     }
 
@@ -296,6 +427,7 @@ impl Syncer<'_> {
             }
             self.reload(&differing, "reconciled").await?;
         }
+        self.repair_orders().await?;
         self.model.mark_synced();
         Ok(())
     }

@@ -12,4 +12,5 @@ mod logs;
 mod meta;
 mod migrations;
 mod read_model;
+mod read_model_changes;
 mod schemathesis;
