@@ -103,6 +103,15 @@ impl LocalCounts {
     pub fn connect(args: &RedisArgs, metrics: Metrics) -> anyhow::Result<Self> {
         let data = shared::redis::connect(args)?;
         let listener = shared::redis::connect_invalidation_listener(args)?;
+        Ok(Self::with_clients(
+            data,
+            listener,
+            args.redis_timeout,
+            metrics,
+        ))
+    }
+
+    fn with_clients(data: Client, listener: Client, timeout: Duration, metrics: Metrics) -> Self {
         let events = Events {
             invalidations: listener.invalidation_rx(),
             data_reconnects: data.reconnect_rx(),
@@ -111,7 +120,7 @@ impl LocalCounts {
             listener_errors: listener.error_rx(),
         };
         metrics.cache_tracking.set(0);
-        Ok(Self {
+        Self {
             data,
             listener,
             state: Mutex::new(State {
@@ -124,9 +133,9 @@ impl LocalCounts {
             wake: Notify::new(),
             started: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
-            timeout: args.redis_timeout,
+            timeout,
             metrics,
-        })
+        }
     }
 
     /// The connection that reads buckets (its reads are the ones tracked).
@@ -160,13 +169,7 @@ impl LocalCounts {
             match state.events.invalidations.try_recv() {
                 // FLUSHALL / FLUSHDB: one message naming no key.
                 Ok(invalidation) if invalidation.keys.is_empty() => flushed = Some("flush"),
-                Ok(invalidation) => {
-                    for key in &invalidation.keys {
-                        if let Some(bucket) = keys::bucket_of_key(key.as_bytes()) {
-                            state.buckets.remove(&bucket);
-                        }
-                    }
-                }
+                Ok(invalidation) => invalidate(state, &invalidation),
                 Err(TryRecvError::Empty) => break,
                 // Tracking itself still holds: only what was missed must go.
                 Err(TryRecvError::Lagged(_)) => flushed = Some("lagged"),
@@ -416,6 +419,16 @@ impl LocalCounts {
     }
 }
 
+/// Removes whatever is held for the buckets `invalidation` names: a value, or a placeholder,
+/// whose read then fills nothing.
+fn invalidate(state: &mut State, invalidation: &Invalidation) {
+    for key in &invalidation.keys {
+        if let Some(bucket) = keys::bucket_of_key(key.as_bytes()) {
+            state.buckets.remove(&bucket);
+        }
+    }
+}
+
 /// Empties an event channel; true when it held anything (or lagged, or closed).
 fn drain_events<T: Clone>(events: &mut Receiver<T>) -> bool {
     let mut any = false;
@@ -434,5 +447,119 @@ fn single_connection(client: &Client) -> Result<(Server, i64), Error> {
     match ids.len() {
         1 => Ok(ids.into_iter().next().expect("one entry")),
         _ => Err(Error::new(ErrorKind::Unknown, "not connected")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts over clients that never connect: only the bookkeeping runs.
+    fn counts() -> LocalCounts {
+        let idle = || Client::new(Config::default(), None, None, None);
+        let counts =
+            LocalCounts::with_clients(idle(), idle(), Duration::from_millis(250), Metrics::new());
+        counts.lock().tracking = true;
+        counts
+            .heartbeat_ms
+            .store(counts.now_ms(), Ordering::Relaxed);
+        counts
+    }
+
+    fn bucket_with(chat_id: i32, count: i32) -> Bucket {
+        let mut bucket = [None; keys::CHATS_PER_BUCKET as usize];
+        bucket[keys::slot_in_bucket(chat_id)] = Some(CachedCount {
+            count,
+            updated_at: chrono::Utc::now(),
+        });
+        bucket
+    }
+
+    fn invalidation_of(chat_id: i32) -> Invalidation {
+        Invalidation {
+            keys: vec![keys::count_location(chat_id).0.into()],
+            server: Server::new("127.0.0.1", 6379),
+        }
+    }
+
+    #[test]
+    fn a_read_fills_its_bucket_and_the_next_page_needs_no_read() {
+        let counts = counts();
+        let Lookup::Partial {
+            missing, ticket, ..
+        } = counts.lookup(&[5])
+        else {
+            panic!("nothing is held yet")
+        };
+        counts.fill(ticket, &missing, &[bucket_with(5, 42)]);
+        let Lookup::Complete(found) = counts.lookup(&[5, 6]) else {
+            panic!("the bucket is held")
+        };
+        assert_eq!(found[&5].count, 42);
+        assert!(!found.contains_key(&6), "absent in Redis, absent here");
+    }
+
+    #[test]
+    fn an_invalidation_that_overtakes_the_reply_leaves_nothing_filled() {
+        let counts = counts();
+        let Lookup::Partial {
+            missing, ticket, ..
+        } = counts.lookup(&[5])
+        else {
+            panic!("nothing is held yet")
+        };
+        // The bucket changes while the read is in flight; its invalidation is applied first.
+        invalidate(&mut counts.lock(), &invalidation_of(5));
+        counts.fill(ticket, &missing, &[bucket_with(5, 41)]);
+        assert!(matches!(counts.lookup(&[5]), Lookup::Partial { .. }));
+    }
+
+    #[test]
+    fn an_older_read_cannot_fill_over_a_newer_placeholder() {
+        let counts = counts();
+        let Lookup::Partial {
+            missing: first,
+            ticket: old,
+            ..
+        } = counts.lookup(&[5])
+        else {
+            panic!("nothing is held yet")
+        };
+        invalidate(&mut counts.lock(), &invalidation_of(5));
+        let Lookup::Partial {
+            missing, ticket, ..
+        } = counts.lookup(&[5])
+        else {
+            panic!("invalidated")
+        };
+        counts.fill(old, &first, &[bucket_with(5, 41)]);
+        counts.fill(ticket, &missing, &[bucket_with(5, 42)]);
+        let Lookup::Complete(found) = counts.lookup(&[5]) else {
+            panic!("the newer read filled it")
+        };
+        assert_eq!(found[&5].count, 42);
+    }
+
+    #[test]
+    fn a_loss_drops_everything_and_serves_nothing_until_tracking_is_back() {
+        let counts = counts();
+        let Lookup::Partial {
+            missing, ticket, ..
+        } = counts.lookup(&[5])
+        else {
+            panic!("nothing is held yet")
+        };
+        counts.fill(ticket, &missing, &[bucket_with(5, 42)]);
+        counts.forget("connection");
+        assert!(matches!(counts.lookup(&[5]), Lookup::Untracked));
+        counts.lock().tracking = true;
+        assert!(matches!(counts.lookup(&[5]), Lookup::Partial { .. }));
+    }
+
+    #[test]
+    fn without_a_recent_heartbeat_nothing_is_served() {
+        let counts = counts();
+        counts.heartbeat_ms.store(0, Ordering::Relaxed);
+        assert!(matches!(counts.lookup(&[5]), Lookup::Untracked));
     }
 }
