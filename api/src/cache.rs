@@ -7,6 +7,12 @@
 //! one slow command costs a moment of reads from Postgres, not the probe's whole interval.
 //! A manual refresh does not trust an open circuit: it is one request someone is waiting for,
 //! so it asks Redis itself, bounded by the Redis timeout.
+//!
+//! With `REDIS_CLIENT_TRACKING` (on a single Redis or behind Sentinel) the counts are also held
+//! in memory, kept exact by Redis' client tracking (`local`): a page whose buckets are held
+//! sends no Redis command. A Redis Cluster reads every page's counts from Redis.
+
+pub mod local;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use local::{LocalCounts, Lookup};
 
 /// How often the probe PINGs while the circuit is open.
 const PROBE_INTERVAL_OPEN: Duration = Duration::from_millis(500);
@@ -33,6 +40,8 @@ pub struct Cache {
     client: Option<Client>,
     /// A second connection for manual refreshes that wait for replicas; see `enqueue_manual`.
     manual: Option<Client>,
+    /// The counts held in memory; `None` without tracking (off, Cluster, no Redis).
+    local: Option<LocalCounts>,
     available: AtomicBool,
     /// Wakes the probe when a command trips the circuit.
     tripped: Notify,
@@ -51,6 +60,7 @@ impl Cache {
     pub fn connect(
         args: &RedisArgs,
         wait_replicas: u32,
+        client_tracking: bool,
         metrics: Metrics,
     ) -> anyhow::Result<Arc<Self>> {
         let client = if args.disable_redis {
@@ -63,11 +73,20 @@ impl Cache {
         } else {
             Some(shared::redis::connect(args)?)
         };
+        let local = match &client {
+            Some(client) if client_tracking && client.is_clustered() => {
+                tracing::info!("redis cluster: every page reads its counts from redis (client tracking is used on a single redis or sentinel only)");
+                None
+            }
+            Some(_) if client_tracking => Some(LocalCounts::connect(args, metrics.clone())?),
+            _ => None,
+        };
         metrics.cache_available.set(0);
         metrics.cache_enabled.set(i64::from(!args.disable_redis));
         Ok(Arc::new(Self {
             client,
             manual,
+            local,
             available: AtomicBool::new(false),
             tripped: Notify::new(),
             options: Options {
@@ -101,6 +120,9 @@ impl Cache {
             tracing::warn!(operation = what, error = %error, "redis failed; serving from postgres until it answers again");
             self.tripped.notify_one();
         }
+        if let Some(local) = &self.local {
+            local.forget("circuit");
+        }
     }
 
     /// Runs one Redis operation under the circuit and the round-trip deadline.
@@ -121,12 +143,48 @@ impl Cache {
         }
     }
 
-    /// Cached counts of a page of chats in one round trip, or `Unavailable`.
+    /// Cached counts of a page of chats: from memory when every bucket is held there, else
+    /// in one round trip (reading the missing buckets whole, to hold them), or `Unavailable`.
     pub async fn read_counts(
         &self,
         chat_ids: &[i32],
     ) -> Result<HashMap<i32, CachedCount>, Unavailable> {
         let client = self.usable().ok_or(Unavailable)?;
+        if let Some(local) = &self.local {
+            match local.lookup(chat_ids) {
+                Lookup::Complete(found) => {
+                    self.metrics.cache_local_pages.inc();
+                    return Ok(found);
+                }
+                Lookup::Partial {
+                    mut found,
+                    missing,
+                    ticket,
+                } => {
+                    let read = self
+                        .call("read counts", counts::read_buckets(local.data(), &missing))
+                        .await;
+                    let read = match read {
+                        Ok(read) => read,
+                        Err(error) => {
+                            local.abandon(ticket, &missing);
+                            return Err(error);
+                        }
+                    };
+                    local.fill(ticket, &missing, &read);
+                    for id in chat_ids {
+                        let bucket = shared::keys::bucket_of(*id);
+                        if let Some(at) = missing.iter().position(|b| *b == bucket) {
+                            if let Some(value) = read[at][shared::keys::slot_in_bucket(*id)] {
+                                found.insert(*id, value);
+                            }
+                        }
+                    }
+                    return Ok(found);
+                }
+                Lookup::Untracked => {}
+            }
+        }
         self.call(
             "read counts",
             counts::read_many(client, &self.options, chat_ids),
@@ -285,9 +343,25 @@ impl Cache {
         if self.client.is_none() {
             return;
         }
+        if self.local.is_some() {
+            let cache = self.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                if let Some(local) = &cache.local {
+                    local.run_tracking(cancel).await;
+                }
+            });
+        }
         let mut first = true;
         loop {
             let healthy = self.ping().await;
+            if let Some(local) = &self.local {
+                if healthy {
+                    local.heartbeat().await;
+                } else {
+                    local.forget("heartbeat");
+                }
+            }
             let was = self.available.swap(healthy, Ordering::Relaxed);
             self.metrics.cache_available.set(i64::from(healthy));
             if first && !healthy {

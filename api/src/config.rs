@@ -118,6 +118,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(0..=16))]
     pub redis_wait_replicas: u32,
 
+    /// Hold the counts in memory as well, kept exact by Redis' client tracking (CLIENT TRACKING
+    /// redirected to a subscribed connection; dropped whenever that channel may have lost a
+    /// message): a page whose counts are all held sends no Redis command. On a Redis Cluster,
+    /// or off, every page reads its counts from Redis in one round trip
+    #[arg(long, env = "REDIS_CLIENT_TRACKING", default_value = "true", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub redis_client_tracking: bool,
+
     /// How often the api compares its in-memory chats with Postgres row by row, to heal changes
     /// whose notification was lost (notified changes show up within about a second)
     #[arg(long, env = "READ_MODEL_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]

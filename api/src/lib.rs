@@ -78,7 +78,12 @@ pub async fn run_with_admin(
         database_statement_timeout: statement_timeout(&args),
         ..args.database.clone()
     })?;
-    let cache = cache::Cache::connect(&args.redis, args.redis_wait_replicas, metrics.clone())?;
+    let cache = cache::Cache::connect(
+        &args.redis,
+        args.redis_wait_replicas,
+        args.redis_client_tracking && !args.participants_integration_disabled,
+        metrics.clone(),
+    )?;
     let waiters = waiters::RefreshWaiters::new();
     let background = CancellationToken::new();
 

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub health_checks: IntCounter,
     pub read_model_order_loads: IntCounterVec,
     pub read_model_order_repairs: IntCounter,
+    pub cache_local_pages: IntCounter,
+    pub cache_local_flushes: IntCounterVec,
+    pub cache_tracking: IntGauge,
 }
 
 impl Metrics {
@@ -200,6 +203,29 @@ impl Metrics {
             "participants_read_model_order_repairs_total",
             "Text sort orders that reconciliation found out of step with Postgres and re-read",
         );
+        let cache_local_pages = counter(
+            "participants_cache_local_pages_total",
+            "Pages whose counts all came from the api's memory (Redis client tracking), without a Redis command",
+        );
+        let cache_local_flushes = IntCounterVec::new(
+            Opts::new(
+                "participants_cache_local_flushes_total",
+                "Times the counts held in memory were all dropped, by reason (connection, flush, lagged, heartbeat, circuit)",
+            ),
+            &["reason"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(cache_local_flushes.clone()))
+            .expect("metric registers once");
+        let cache_tracking = IntGauge::new(
+            "participants_cache_tracking",
+            "1 while Redis client tracking keeps the counts held in memory exact (pages may need no Redis command)",
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(cache_tracking.clone()))
+            .expect("metric registers once");
         for priority in ["lazy", "manual"] {
             refresh_enqueued.with_label_values(&[priority]);
         }
@@ -227,6 +253,9 @@ impl Metrics {
             health_checks,
             read_model_order_loads,
             read_model_order_repairs,
+            cache_local_pages,
+            cache_local_flushes,
+            cache_tracking,
         }
     }
 

@@ -191,6 +191,54 @@ pub async fn read_many(
     Ok(found)
 }
 
+/// A whole count bucket as read from Redis: each chat's value at its `keys::slot_in_bucket`.
+pub type Bucket = [Option<CachedCount>; keys::CHATS_PER_BUCKET as usize];
+
+static READ_BUCKETS: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS: count buckets. Returns each bucket's HGETALL (field, value, ...), in KEYS order.
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('HGETALL', KEYS[i])
+end
+return out
+"#,
+    )
+});
+
+/// Reads whole count buckets in one script call (a single Redis or Sentinel, not a Cluster:
+/// the buckets lie in different slots). The api keeps them in memory, so it reads every field
+/// rather than a page's; a connection with client tracking on is told when any of them changes.
+pub async fn read_buckets<C>(client: &C, buckets: &[i64]) -> Result<Vec<Bucket>, fred::error::Error>
+where
+    C: LuaInterface + Send + Sync,
+{
+    if buckets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bucket_keys = buckets.iter().map(|b| keys::count_bucket(*b)).collect();
+    let reply: Value = run_script(client, &READ_BUCKETS, bucket_keys, Vec::new()).await?;
+    let replies = match reply {
+        Value::Array(replies) => replies,
+        _ => Vec::new(),
+    };
+    let mut out = vec![[None; keys::CHATS_PER_BUCKET as usize]; buckets.len()];
+    for (bucket, reply) in out.iter_mut().zip(replies) {
+        let Value::Array(pairs) = reply else { continue };
+        for pair in pairs.chunks_exact(2) {
+            let field = pair[0].as_str().and_then(|f| f.parse::<usize>().ok());
+            let value = pair[1].as_str().and_then(|v| CachedCount::decode(&v));
+            if let (Some(field), Some(value)) = (field, value) {
+                if let Some(slot) = bucket.get_mut(field) {
+                    *slot = Some(value);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

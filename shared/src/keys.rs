@@ -32,6 +32,24 @@ pub fn bucket_of(chat_id: i32) -> i64 {
     i64::from(chat_id).div_euclid(CHATS_PER_BUCKET)
 }
 
+/// A chat's place inside its bucket: the number its field spells, `0..CHATS_PER_BUCKET`.
+pub fn slot_in_bucket(chat_id: i32) -> usize {
+    i64::from(chat_id).rem_euclid(CHATS_PER_BUCKET) as usize
+}
+
+/// The bucket number of a count bucket key (`count_bucket`'s inverse); `None` for any other key.
+pub fn bucket_of_key(key: &[u8]) -> Option<i64> {
+    std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix("participants:counts:")?
+        .parse()
+        .ok()
+}
+
+/// The channel Redis publishes client-tracking invalidations on, to the connection a tracking
+/// client redirects them to (Redis' own name).
+pub const TRACKING_INVALIDATION_CHANNEL: &str = "__redis__:invalidate";
+
 /// Lazy refreshes enqueued by reads of stale counts.
 pub const REFRESH_STREAM_LAZY: &str = "{participants:refresh}:lazy";
 
@@ -114,6 +132,17 @@ mod tests {
             count_location(-1),
             ("participants:counts:-1".to_owned(), "63".to_owned())
         );
+    }
+
+    #[test]
+    fn a_bucket_key_names_its_bucket_and_no_other_key_does() {
+        for id in [0, 63, 64, 150_000, -1] {
+            let (key, field) = count_location(id);
+            assert_eq!(bucket_of_key(key.as_bytes()), Some(bucket_of(id)));
+            assert_eq!(field, slot_in_bucket(id).to_string());
+        }
+        assert_eq!(bucket_of_key(SYNCD_STATUS.as_bytes()), None);
+        assert_eq!(bucket_of_key(b"participants:counts:x"), None);
     }
 
     #[test]

@@ -40,6 +40,20 @@ pub fn connect_subscriber(args: &RedisArgs) -> Result<SubscriberClient, RedisSet
     Ok(client)
 }
 
+/// A client for client-tracking invalidations (see the api's local count cache): like
+/// `connect`, with room for bursts of invalidations between two reads of its event channels.
+pub fn connect_invalidation_listener(args: &RedisArgs) -> Result<Client, RedisSetupError> {
+    let client = builder(args)?
+        .with_performance_config(|perf| {
+            perf.default_command_timeout = args.redis_timeout;
+            perf.broadcast_channel_capacity = 4096;
+        })
+        .build()
+        .map_err(|e| RedisSetupError::Build(e.details().to_owned()))?;
+    client.connect();
+    Ok(client)
+}
+
 /// Checks that `REDIS_URL` parses, without connecting; used to validate configuration at start-up.
 pub fn validate_url(args: &RedisArgs) -> Result<(), RedisSetupError> {
     parse_config(args.redis_url.expose_secret()).map(|_| ())

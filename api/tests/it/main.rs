@@ -14,3 +14,4 @@ mod migrations;
 mod read_model;
 mod read_model_changes;
 mod schemathesis;
+mod tracking;
