@@ -43,6 +43,14 @@ fn statement_timeout(args: &ServeArgs) -> Duration {
     }
 }
 
+/// How long a read before the first load waits for it: the request timeout less a margin, so
+/// that a load that cannot finish is answered `loading` (with Retry-After), not `timeout`.
+fn load_wait(request_timeout: Duration) -> Duration {
+    request_timeout
+        .saturating_sub(Duration::from_millis(500))
+        .max(request_timeout / 2)
+}
+
 /// Serves the api on `listener` until `shutdown` resolves, then drains in-flight requests.
 pub async fn run(
     args: ServeArgs,
@@ -85,13 +93,21 @@ pub async fn run(
         tokio::spawn(waiters.clone().run_listener(subscriber, background.clone()));
     }
 
-    // The read model loads in the background: until it has, reads answer 503 and the
-    // readiness probe fails; after that, reads never wait on Postgres again.
+    // The read model loads in the background: until it has, reads wait for it (up to the
+    // request timeout) and the readiness probe fails; after that, reads never wait on
+    // Postgres again. Its task ends by itself only when DATABASE_URL cannot serve it at all.
     let model = ReadModel::new();
-    tokio::spawn(read_model::sync::run(
-        model.clone(),
-        db.clone(),
+    let sync_settings = read_model::sync::SyncSettings::new(
+        &shared::config::DatabaseArgs {
+            database_statement_timeout: statement_timeout(&args),
+            ..args.database.clone()
+        },
         args.read_model_reconcile_interval,
+        args.read_model_load_timeout,
+    )?;
+    let mut sync = tokio::spawn(read_model::sync::run(
+        model.clone(),
+        sync_settings,
         metrics.clone(),
         background.clone(),
     ));
@@ -107,6 +123,7 @@ pub async fn run(
         },
         integration_enabled,
         refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
+        load_wait: load_wait(args.request_timeout),
     });
     let refresh_gate = Arc::new(refresh_gate::RefreshGate::new(
         args.participants_refresh_per_user_per_minute,
@@ -137,6 +154,7 @@ pub async fn run(
             refresh_wait: args.participants_refresh_wait,
             redis_wait_replicas: args.redis_wait_replicas,
             request_timeout: args.request_timeout,
+            read_model_max_age: args.read_model_max_age,
         }),
     };
 
@@ -153,6 +171,11 @@ pub async fn run(
     });
     let result = tokio::select! {
         result = server => result.context("http server failed"),
+        ended = &mut sync => match ended {
+            Ok(Err(unusable)) => Err(unusable.context("the read model cannot follow DATABASE_URL")),
+            // The supervisor returns by itself only with an error, and never panics.
+            _ => Err(anyhow::anyhow!("the read model's supervisor ended")),
+        },
         () = async { draining.cancelled().await; tokio::time::sleep(DRAIN_DEADLINE).await } => {
             tracing::warn!(deadline_s = DRAIN_DEADLINE.as_secs(), "in-flight requests did not finish in time");
             Ok(())

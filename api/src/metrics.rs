@@ -23,6 +23,8 @@ pub struct Metrics {
     pub read_model_chats: IntGauge,
     pub read_model_rows: IntCounterVec,
     pub read_model_failures: IntCounter,
+    pub read_model_full_loads: IntCounter,
+    pub read_model_sync_restarts: IntCounter,
 }
 
 impl Metrics {
@@ -158,6 +160,14 @@ impl Metrics {
             "participants_read_model_sync_failures_total",
             "Times the read model lost or could not reach Postgres (it keeps serving what it holds)",
         );
+        let read_model_full_loads = counter(
+            "participants_read_model_full_loads_total",
+            "Full loads of the read model: at start-up, after TRUNCATE, after a bulk change of more than 50,000 chats (one per statement), or a large reconciliation",
+        );
+        let read_model_sync_restarts = counter(
+            "participants_read_model_sync_restarts_total",
+            "Times the read model's sync task panicked or ended and was restarted (the model keeps serving and ages meanwhile)",
+        );
         for priority in ["lazy", "manual"] {
             refresh_enqueued.with_label_values(&[priority]);
         }
@@ -181,6 +191,8 @@ impl Metrics {
             read_model_chats,
             read_model_rows,
             read_model_failures,
+            read_model_full_loads,
+            read_model_sync_restarts,
         }
     }
 

@@ -197,6 +197,12 @@ impl TestApp {
         }
     }
 
+    /// Stops the api and starts it again on the same servers (a restart: a fresh read model).
+    pub async fn restart_api(&mut self) {
+        self.stop_api().await.expect("the api stops cleanly");
+        self.start_api().await;
+    }
+
     /// Stops the api gracefully and returns what `run` returned.
     pub async fn stop_api(&mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.shutdown.take() {

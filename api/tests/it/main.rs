@@ -10,5 +10,7 @@ mod list;
 mod logs;
 mod meta;
 mod migrations;
+mod proxy;
 mod read_model;
 mod schemathesis;
+mod sync;
