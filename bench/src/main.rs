@@ -25,6 +25,7 @@ struct Cli {
 mod drill;
 mod fresh;
 mod read;
+mod restart;
 mod shutdown;
 mod soak;
 mod stack;
@@ -40,6 +41,12 @@ enum Bench {
         seconds: u64,
         #[arg(long, default_value_t = 64)]
         connections: u32,
+    },
+    /// Reads across an api restart: pages asked for as soon as the new process answers
+    /// /health, during its first load, against the same reads before the restart
+    Restart {
+        #[arg(long, default_value_t = 150_000)]
+        chats: i32,
     },
     /// SIGTERM to a busy syncd with MAX up, MAX down and Redis down: time to exit against the
     /// grace period, and MAX calls after the signal
@@ -144,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             connections,
         } => read::run(chats, seconds, connections).await?,
+        Bench::Restart { chats } => restart::run(chats).await?,
         Bench::Drill { only } => drill::run(&only).await?,
         Bench::Shutdown => shutdown::run().await?,
         Bench::Soak {
