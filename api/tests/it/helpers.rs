@@ -128,7 +128,7 @@ impl TestApp {
 
     /// Waits until the api has loaded its read model (`/health/ready` answers 200).
     pub async fn wait_until_ready(&self) {
-        eventually(Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(60), || async {
             self.get("/health/ready", None).await.status() == 200
         })
         .await;
