@@ -131,6 +131,19 @@ pub struct ServeArgs {
     #[arg(long, env = "READ_MODEL_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub read_model_reconcile_interval: Duration,
 
+    /// Statement timeout of the read model's full load (its own, in place of
+    /// DATABASE_STATEMENT_TIMEOUT, which also bounds requests): a million chats take far longer
+    /// to load than a request may. The load gives up after this long and is tried again
+    #[arg(long, env = "READ_MODEL_LOAD_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub read_model_load_timeout: Duration,
+
+    /// /health/ready answers 503 when the read model has not been in step with Postgres for
+    /// this long although the primary answers (this replica's sync is stuck; the others may
+    /// serve). While Postgres itself is down, ready stays 200 and reads are served from memory.
+    /// 0 turns the check off
+    #[arg(long, env = "READ_MODEL_MAX_AGE", default_value = "5m", value_parser = parse_duration)]
+    pub read_model_max_age: Duration,
+
     /// Most time one HTTP request may take before it is answered 503
     #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -213,6 +226,9 @@ impl ServeArgs {
             .is_some_and(|admin| admin == self.listen_addr)
         {
             return Err("API_ADMIN_LISTEN_ADDR must differ from API_LISTEN_ADDR".to_owned());
+        }
+        if self.read_model_load_timeout < Duration::from_secs(1) {
+            return Err("READ_MODEL_LOAD_TIMEOUT must be at least 1s".to_owned());
         }
         if self.request_timeout <= self.participants_refresh_wait {
             return Err(

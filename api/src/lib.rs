@@ -46,6 +46,14 @@ fn statement_timeout(args: &ServeArgs) -> Duration {
     }
 }
 
+/// How long a read before the first load waits for it: the request timeout less a margin, so
+/// that a load that cannot finish is answered `loading` (with Retry-After), not `timeout`.
+fn load_wait(request_timeout: Duration) -> Duration {
+    request_timeout
+        .saturating_sub(Duration::from_millis(500))
+        .max(request_timeout / 2)
+}
+
 /// Serves the api on `listener` until `shutdown` resolves, then drains in-flight requests.
 pub async fn run(
     args: ServeArgs,
@@ -112,13 +120,21 @@ pub async fn run_with_admin(
         tokio::spawn(waiters.clone().run_listener(subscriber, background.clone()));
     }
 
-    // The read model loads in the background: until it has, reads answer 503 and the
-    // readiness probe fails; after that, reads never wait on Postgres again.
+    // The read model loads in the background: until it has, reads wait for it (up to the
+    // request timeout) and the readiness probe fails; after that, reads never wait on
+    // Postgres again. Its task ends by itself only when DATABASE_URL cannot serve it at all.
     let model = ReadModel::new();
-    tokio::spawn(read_model::sync::run(
-        model.clone(),
-        db.clone(),
+    let sync_settings = read_model::sync::SyncSettings::new(
+        &shared::config::DatabaseArgs {
+            database_statement_timeout: statement_timeout(&args),
+            ..args.database.clone()
+        },
         args.read_model_reconcile_interval,
+        args.read_model_load_timeout,
+    )?;
+    let mut sync = tokio::spawn(read_model::sync::run(
+        model.clone(),
+        sync_settings,
         metrics.clone(),
         background.clone(),
     ));
@@ -134,6 +150,7 @@ pub async fn run_with_admin(
         },
         integration_enabled,
         refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
+        load_wait: load_wait(args.request_timeout),
     });
     let refresh_gate = Arc::new(refresh_gate::RefreshGate::new(
         args.participants_refresh_per_user_per_minute,
@@ -169,6 +186,7 @@ pub async fn run_with_admin(
             refresh_wait: args.participants_refresh_wait,
             redis_wait_replicas: args.redis_wait_replicas,
             request_timeout: args.request_timeout,
+            read_model_max_age: args.read_model_max_age,
         }),
     };
 
@@ -216,9 +234,17 @@ pub async fn run_with_admin(
     }
     let drained = async { while servers.join_next().await.is_some() {} };
     tokio::pin!(drained);
+    let mut unusable = None;
     tokio::select! {
         () = shutdown => {}
         () = &mut drained => {}
+        ended = &mut sync => {
+            unusable = Some(match ended {
+                Ok(Err(unusable)) => unusable.context("the read model cannot follow DATABASE_URL"),
+                // The supervisor returns by itself only with an error, and never panics.
+                _ => anyhow::anyhow!("the read model's supervisor ended"),
+            });
+        }
     }
     draining.cancel();
     let result = tokio::select! {
@@ -231,5 +257,8 @@ pub async fn run_with_admin(
     background.cancel();
     db.close().await;
     tracing::info!("api stopped");
-    result
+    match unusable {
+        Some(error) => Err(error),
+        None => result,
+    }
 }

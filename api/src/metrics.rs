@@ -31,6 +31,8 @@ pub struct Metrics {
     pub cache_local_pages: IntCounter,
     pub cache_local_flushes: IntCounterVec,
     pub cache_tracking: IntGauge,
+    pub read_model_full_loads: IntCounter,
+    pub read_model_sync_restarts: IntCounter,
 }
 
 impl Metrics {
@@ -226,6 +228,14 @@ impl Metrics {
         registry
             .register(Box::new(cache_tracking.clone()))
             .expect("metric registers once");
+        let read_model_full_loads = counter(
+            "participants_read_model_full_loads_total",
+            "Full loads of the read model: at start-up, after TRUNCATE, after a bulk change of more than 50,000 chats (one per statement), or a large reconciliation",
+        );
+        let read_model_sync_restarts = counter(
+            "participants_read_model_sync_restarts_total",
+            "Times the read model's sync task panicked or ended and was restarted (the model keeps serving and ages meanwhile)",
+        );
         for priority in ["lazy", "manual"] {
             refresh_enqueued.with_label_values(&[priority]);
         }
@@ -256,6 +266,8 @@ impl Metrics {
             cache_local_pages,
             cache_local_flushes,
             cache_tracking,
+            read_model_full_loads,
+            read_model_sync_restarts,
         }
     }
 

@@ -29,6 +29,14 @@ pub async fn sample_sync_state(pool: &PgPool, size: i64) -> Result<Vec<SyncSampl
     .await
 }
 
+/// Whether the primary answers: a server that answers but is a standby does not count (the
+/// read model cannot follow it).
+pub async fn primary_answers(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select not pg_is_in_recovery()")
+        .fetch_one(pool)
+        .await
+}
+
 /// A cheap query that proves Postgres answers.
 pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("select 1").execute(pool).await.map(|_| ())

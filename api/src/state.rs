@@ -41,4 +41,6 @@ pub struct Settings {
     /// Replicas that must hold a manual refresh request before it is acknowledged.
     pub redis_wait_replicas: u32,
     pub request_timeout: Duration,
+    /// READ_MODEL_MAX_AGE: past it (the primary answering), the replica is not ready.
+    pub read_model_max_age: Duration,
 }

@@ -26,6 +26,7 @@ mod drill;
 mod fresh;
 mod model;
 mod read;
+mod restart;
 mod shutdown;
 mod soak;
 mod stack;
@@ -54,6 +55,12 @@ enum Bench {
         /// Another build's `api` binary to measure first, e.g. the previous release's
         #[arg(long)]
         old_api: Option<std::path::PathBuf>,
+    },
+    /// Reads across an api restart: pages asked for as soon as the new process answers
+    /// /health, during its first load, against the same reads before the restart
+    Restart {
+        #[arg(long, default_value_t = 150_000)]
+        chats: i32,
     },
     /// SIGTERM to a busy syncd with MAX up, MAX down and Redis down: time to exit against the
     /// grace period, and MAX calls after the signal
@@ -163,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
             api,
             old_api,
         } => model::run(chats, api, old_api).await?,
+        Bench::Restart { chats } => restart::run(chats).await?,
         Bench::Drill { only } => drill::run(&only).await?,
         Bench::Shutdown => shutdown::run().await?,
         Bench::Soak {

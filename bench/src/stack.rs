@@ -211,6 +211,13 @@ impl Stack {
         Ok(process)
     }
 
+    /// Starts `api serve` without waiting for it (a restart as a plain load balancer sees it).
+    pub fn api_unwaited(&mut self, env: &[(&str, &str)]) -> anyhow::Result<Process> {
+        let mut env = env.to_vec();
+        env.push(("PARTICIPANTS_REFRESH_PER_USER_PER_MINUTE", "0"));
+        self.spawn("api", &["serve"], &env)
+    }
+
     async fn wait_for(&self, url: &str, process: &Process) -> anyhow::Result<()> {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {

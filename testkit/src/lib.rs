@@ -360,6 +360,50 @@ impl PgServer {
         server
     }
 
+    /// Starts a hot standby of `primary` (a base backup with `-R`: `standby.signal` and the
+    /// primary's conninfo), streaming from it, on a port of its own.
+    pub fn start_standby(primary: &PgServer) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("testkit-pg-standby-")
+            .tempdir()
+            .expect("temp dir");
+        if let Some((uid, gid)) = postgres_user() {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown temp dir");
+        }
+        let mut backup = Command::new(primary.bin.join("pg_basebackup"));
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-R", "-X", "stream", "-c", "fast"]);
+        if let Some((uid, gid)) = postgres_user() {
+            use std::os::unix::process::CommandExt;
+            backup.uid(uid).gid(gid);
+        }
+        let output = backup.output().expect("pg_basebackup runs");
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            bin: primary.bin.clone(),
+            child: None,
+            tls: None,
+        };
+        server.spawn().expect("the standby starts");
+        server
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -55,6 +55,8 @@ pub struct ReadModel {
     synced_at_ms: AtomicI64,
     /// Run while a change set is being planned, for tests that prove reads go on meanwhile.
     planning_hook: Mutex<Option<PlanningHook>>,
+    /// Becomes true once, when the first load has finished: what reads before it wait for.
+    loaded: tokio::sync::watch::Sender<bool>,
 }
 
 /// See `ReadModel::set_planning_hook`.
@@ -77,6 +79,13 @@ impl ReadModel {
         self.synced_at_ms.load(AtomicOrdering::Relaxed) > 0
     }
 
+    /// Waits for the first load to finish, at most `limit`; whether it has.
+    pub async fn wait_loaded(&self, limit: Duration) -> bool {
+        let mut loaded = self.loaded.subscribe();
+        let finished = tokio::time::timeout(limit, loaded.wait_for(|loaded| *loaded)).await;
+        matches!(finished, Ok(Ok(_)))
+    }
+
     /// How long ago the model was last known to match Postgres; `None` before the first load.
     pub fn age(&self) -> Option<Duration> {
         let at = self.synced_at_ms.load(AtomicOrdering::Relaxed);
@@ -91,6 +100,8 @@ impl ReadModel {
             Utc::now().timestamp_millis().max(1),
             AtomicOrdering::Relaxed,
         );
+        self.loaded
+            .send_if_modified(|loaded| !std::mem::replace(loaded, true));
     }
 
     /// What the model holds, for the load's log line: chats, bytes of text, trigram postings.

@@ -2,9 +2,13 @@
 //! database's collation (whole, a digest of it, or the place of single rows in it), row
 //! versions for reconciliation, and the database's lowercase map.
 
-use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
 use futures::TryStreamExt;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgTypeInfo, PgValueFormat, PgValueRef};
+use sqlx::{Decode, PgConnection, Postgres, Transaction, ValueRef};
 
 use super::query::SortColumn;
 
@@ -36,12 +40,88 @@ pub struct ChatRecord {
     pub university_id: Option<i32>,
     pub department: Option<String>,
     pub source: String,
+    #[sqlx(try_from = "Timestamptz")]
     pub created_at: Option<DateTime<Utc>>,
+    #[sqlx(try_from = "Timestamptz")]
     pub updated_at: Option<DateTime<Utc>>,
     /// When MAX was last asked for the count that Postgres holds; `None` if never.
+    #[sqlx(try_from = "Timestamptz")]
     pub participants_updated_at: Option<DateTime<Utc>>,
     /// `active`, or why syncd stopped asking MAX about this chat; `None` if never synced.
     pub sync_status: Option<String>,
+}
+
+/// Microseconds from the Unix epoch to Postgres' (2000-01-01).
+const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// A nullable `timestamptz`, decoded from Postgres' own microseconds. sqlx's chrono decoding
+/// panics on values chrono cannot hold (`infinity`, `-infinity`, years past +262142), and one
+/// such legacy row would kill the load for good. Here every value Postgres can store decodes:
+/// `infinity` becomes chrono's largest instant and `-infinity` its smallest, and a year past
+/// chrono's range the instant just below the largest, so the model's order stays Postgres'
+/// (`-infinity` < every date < `infinity` < NULL), except among those far years themselves.
+/// What the api shows for them is `read_path::view`'s concern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timestamptz(pub Option<DateTime<Utc>>);
+
+impl Timestamptz {
+    /// The instant of Postgres' microseconds since 2000-01-01 (`i64::MAX` is `infinity`).
+    pub fn from_postgres_micros(micros: i64) -> DateTime<Utc> {
+        match micros {
+            i64::MAX => DateTime::<Utc>::MAX_UTC,
+            i64::MIN => DateTime::<Utc>::MIN_UTC,
+            _ => micros
+                .checked_add(POSTGRES_EPOCH_UNIX_MICROS)
+                .and_then(DateTime::from_timestamp_micros)
+                .unwrap_or_else(|| {
+                    if micros > 0 {
+                        DateTime::<Utc>::MAX_UTC - TimeDelta::microseconds(1)
+                    } else {
+                        DateTime::<Utc>::MIN_UTC + TimeDelta::microseconds(1)
+                    }
+                }),
+        }
+    }
+}
+
+impl From<Timestamptz> for Option<DateTime<Utc>> {
+    fn from(value: Timestamptz) -> Self {
+        value.0
+    }
+}
+
+impl sqlx::Type<Postgres> for Timestamptz {
+    fn type_info() -> PgTypeInfo {
+        <DateTime<Utc> as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <DateTime<Utc> as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for Timestamptz {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        if value.is_null() {
+            return Ok(Self(None));
+        }
+        let at = match value.format() {
+            PgValueFormat::Binary => {
+                let bytes: [u8; 8] = value
+                    .as_bytes()?
+                    .try_into()
+                    .map_err(|_| "a timestamptz is not 8 bytes")?;
+                Self::from_postgres_micros(i64::from_be_bytes(bytes))
+            }
+            // Results come in binary; text (a simple query) is handled for completeness.
+            PgValueFormat::Text => match value.as_str()? {
+                "infinity" => DateTime::<Utc>::MAX_UTC,
+                "-infinity" => DateTime::<Utc>::MIN_UTC,
+                _ => <DateTime<Utc> as Decode<Postgres>>::decode(value)?,
+            },
+        };
+        Ok(Self(Some(at)))
+    }
 }
 
 /// A row as loaded: the record, its lowered search text, and its version.
@@ -79,9 +159,25 @@ pub async fn snapshot(pool: &sqlx::PgPool) -> Result<Transaction<'static, Postgr
     Ok(tx)
 }
 
-/// Every chat, streamed into `sink` so that the rows are never held twice.
+/// Gives the load's transaction its own statement timeout (`READ_MODEL_LOAD_TIMEOUT`), in
+/// place of the requests' one the connection has: a full load of a large table takes longer
+/// than any request may.
+pub async fn set_load_timeout(
+    conn: &mut PgConnection,
+    timeout: Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("select set_config('statement_timeout', $1, true)")
+        .bind(format!("{}ms", timeout.as_millis()))
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Every chat, streamed into `sink` so that the rows are never held twice. Each row must come
+/// within `row_deadline` of the one before: a connection that goes silent fails the load.
 pub async fn load_all(
     conn: &mut PgConnection,
+    row_deadline: Duration,
     mut sink: impl FnMut(LoadedRow),
 ) -> Result<(), sqlx::Error> {
     let sql = format!(
@@ -89,10 +185,20 @@ pub async fn load_all(
          from chats c left join chat_participants p on p.chat_id = c.id"
     );
     let mut rows = sqlx::query_as::<_, LoadedRow>(&sql).fetch(&mut *conn);
-    while let Some(row) = rows.try_next().await? {
-        sink(row);
+    loop {
+        let next = tokio::time::timeout(row_deadline, rows.try_next())
+            .await
+            .map_err(|_| {
+                sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("postgres sent no row for {} s", row_deadline.as_secs()),
+                ))
+            })?;
+        match next? {
+            Some(row) => sink(row),
+            None => return Ok(()),
+        }
     }
-    Ok(())
 }
 
 /// The named chats that still exist.
@@ -195,4 +301,26 @@ pub async fn lowercase_map(conn: &mut PgConnection) -> Result<Vec<(String, Strin
     )
     .fetch_all(conn)
     .await
+}
+
+/// The channel a session's start-up check notifies itself on (`sync::primary`).
+pub const PROBE_CHANNEL: &str = "participants_listen_probe";
+
+/// Whether the server is a hot standby, where LISTEN fails.
+pub async fn is_standby<'c>(
+    conn: impl sqlx::Executor<'c, Database = Postgres>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select pg_is_in_recovery()")
+        .fetch_one(conn)
+        .await
+}
+
+/// Sends `payload` on `PROBE_CHANNEL`.
+pub async fn notify_probe(pool: &sqlx::PgPool, payload: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(PROBE_CHANNEL)
+        .bind(payload)
+        .execute(pool)
+        .await
+        .map(|_| ())
 }

@@ -5,27 +5,43 @@
 //! text order's digest that heals whatever a lost notification, a reconnect or a race missed.
 //!
 //! Postgres going away never empties the model: reads go on from what was loaded, the model's
-//! age grows (it is exported), and the loop reconnects with backoff and reconciles.
+//! age grows (it is exported), and the loop reconnects with backoff and reconciles. No await
+//! waits for Postgres unboundedly: connecting, every heartbeat and every load have deadlines,
+//! and while a load or reload runs the listening connection keeps proving that Postgres
+//! answers, so a silent partition (packets dropped, no reset) ends the session within seconds.
+//! The task itself is supervised (`supervise`): a panic restarts it.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::postgres::{self, CHANGES_CHANNEL, RELOAD_ALL};
+mod batch;
+mod primary;
+mod supervise;
+
+pub use supervise::run;
+
+use super::postgres::{self, CHANGES_CHANNEL};
 use super::query::SortColumn;
 use super::search::Lowercase;
 use super::{Applied, Delta, LoadBuffer, Model, ReadModel, TextOrder};
 use crate::metrics::Metrics;
 
-/// How long notifications are gathered before the rows they name are reloaded together.
-const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// An idle listener proves its connection (and so the model's currency) this often.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Longest a heartbeat may wait for its answer: with `HEARTBEAT`, a silent partition is
+/// noticed within 11 s, idle or busy.
+const PING_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest a connection may take to open (the TCP and TLS handshakes and the start-up).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a full load waits for its next row: a stalled connection fails the load.
+const ROW_DEADLINE: Duration = Duration::from_secs(25);
 /// More changed ids than this in one batch are cheaper to take with a full load.
 const MAX_BATCH_IDS: usize = 50_000;
 /// When more than one chat in this many moves in a text column, its whole order is re-read
@@ -34,95 +50,206 @@ const WHOLE_ORDER_SHARE: usize = 16;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Keeps `model` current until `cancel` fires.
-pub async fn run(
+/// What the sync task needs: where Postgres is, and how long its work may take.
+#[derive(Clone, Debug)]
+pub struct SyncSettings {
+    /// `DATABASE_URL`, with the requests' statement timeout and server-side TCP keepalives.
+    pub connect: PgConnectOptions,
+    /// `READ_MODEL_RECONCILE_INTERVAL`.
+    pub reconcile_every: Duration,
+    /// `READ_MODEL_LOAD_TIMEOUT`: the statement timeout of a full load, and its deadline.
+    pub load_timeout: Duration,
+}
+
+impl SyncSettings {
+    /// The settings for `database`: the connection as the services' pools make it, plus TCP
+    /// keepalives on the server's side (sqlx sets none on the client's socket; the deadlines
+    /// here stand for them), so that Postgres ends the backend of a vanished api, and the
+    /// snapshot a load holds, within about 25 s.
+    pub fn new(
+        database: &shared::config::DatabaseArgs,
+        reconcile_every: Duration,
+        load_timeout: Duration,
+    ) -> Result<Self, shared::db::DatabaseSetupError> {
+        let connect = shared::db::service_options(database)?.options([
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+        ]);
+        Ok(Self {
+            connect,
+            reconcile_every,
+            load_timeout,
+        })
+    }
+
+    /// A pool of this session's own: the listening connection and one for loads. A session
+    /// that fails drops it whole, with any connection stuck on a silent socket.
+    fn session_pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(2)
+            .min_connections(0)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_lazy_with(self.connect.clone())
+    }
+}
+
+/// Keeps `model` current until `cancel` fires, reconnecting after every failure. Returns an
+/// error only when the database cannot be followed at all (`primary::Unusable`) before the
+/// first load: the api then exits, naming the setting.
+async fn follow(
     model: Arc<ReadModel>,
-    pool: PgPool,
-    reconcile_every: Duration,
+    settings: SyncSettings,
     metrics: Metrics,
     cancel: CancellationToken,
-) {
+) -> anyhow::Result<()> {
     let mut backoff = BACKOFF_MIN;
     let mut failing = false;
     loop {
+        let pool = settings.session_pool();
         let syncer = Syncer {
             model: &model,
             pool: &pool,
             metrics: &metrics,
+            load_timeout: settings.load_timeout,
         };
         let result = tokio::select! {
-            () = cancel.cancelled() => return,
-            result = syncer.session(reconcile_every, &mut failing) => result,
+            () = cancel.cancelled() => return Ok(()),
+            result = syncer.session(settings.reconcile_every, &mut failing) => result,
         };
-        if let Err(error) = result {
-            metrics.read_model_failures.inc();
-            if !failing {
-                failing = true;
-                if model.is_loaded() {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        chats = model.n_chats(),
-                        "read model lost postgres; serving the chats loaded last until it returns"
-                    );
-                } else {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "read model cannot load from postgres; reads answer 503 until it can"
-                    );
-                }
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+        drop(pool);
+        let Err(error) = result else { continue };
+        metrics.read_model_failures.inc();
+        let unusable = error.downcast_ref::<primary::Unusable>().is_some();
+        if unusable && !model.is_loaded() {
+            return Err(error);
         }
+        if !failing {
+            failing = true;
+            if model.is_loaded() {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    chats = model.n_chats(),
+                    "read model lost postgres; serving the chats loaded last until it returns"
+                );
+            } else {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "read model cannot load from postgres; reads wait for it up to the request timeout, then answer 503"
+                );
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// Waits for `work` at most `limit`.
+async fn within<T>(
+    limit: Duration,
+    what: &'static str,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!(
+            "{what}: postgres did not answer within {} s",
+            limit.as_secs()
+        ),
+    }
+}
+
+/// Proves that the listening connection still reaches Postgres.
+async fn ping(listener: &mut PgListener) -> anyhow::Result<()> {
+    within(PING_DEADLINE, "heartbeat", async {
+        sqlx::query("select 1")
+            .execute(&mut *listener)
+            .await
+            .context("notification connection does not answer")
+            .map(|_| ())
+    })
+    .await
+}
+
+/// Runs `work` (a load, reload or reconciliation on the session's other connection) within
+/// `limit`, while the listening connection keeps beating: if Postgres goes silent, the work is
+/// dropped within `HEARTBEAT + PING_DEADLINE`, whatever it was waiting for. Notifications
+/// that arrive meanwhile are buffered by the listener, not lost.
+async fn guarded<T>(
+    listener: &mut PgListener,
+    limit: Duration,
+    what: &'static str,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            ping(listener).await?;
+        }
+    };
+    tokio::select! {
+        result = within(limit, what, work) => result,
+        result = watchdog => result,
+    }
+}
+
+/// A received notification, or why the connection failed.
+fn notification(
+    received: Result<Option<sqlx::postgres::PgNotification>, sqlx::Error>,
+) -> anyhow::Result<sqlx::postgres::PgNotification> {
+    received
+        .context("notification connection failed")?
+        .context("notification connection lost")
 }
 
 struct Syncer<'a> {
     model: &'a Arc<ReadModel>,
     pool: &'a PgPool,
     metrics: &'a Metrics,
-}
-
-/// Changed ids gathered from notifications.
-#[derive(Default)]
-struct Batch {
-    ids: HashSet<i32>,
-    reload_all: bool,
-}
-
-impl Batch {
-    fn add(&mut self, payload: &str) {
-        if payload == RELOAD_ALL {
-            self.reload_all = true;
-        } else if let Ok(id) = payload.parse() {
-            self.ids.insert(id);
-        }
-    }
-
-    fn is_full(&self) -> bool {
-        self.reload_all || self.ids.len() > MAX_BATCH_IDS
-    }
+    load_timeout: Duration,
 }
 
 impl Syncer<'_> {
-    /// One connection's life: listen, catch up (full load or reconcile), then follow changes.
-    /// Returns only with an error; the caller retries.
+    /// One connection's life: check the server, listen, catch up (full load or reconcile),
+    /// then follow changes. Returns only with an error; the caller retries.
     async fn session(&self, reconcile_every: Duration, failing: &mut bool) -> anyhow::Result<()> {
-        let mut listener = PgListener::connect_with(self.pool)
-            .await
-            .context("cannot open the notification connection")?;
-        listener
-            .listen(CHANGES_CHANNEL)
-            .await
-            .context("cannot listen for chat changes")?;
+        let mut listener = within(CONNECT_TIMEOUT, "connecting", async {
+            PgListener::connect_with(self.pool)
+                .await
+                .context("cannot open the notification connection")
+        })
+        .await?;
+        // A lost connection ends the session; the next one opens its own.
+        listener.eager_reconnect(false);
+        primary::check(&mut listener, self.pool).await?;
+        within(PING_DEADLINE, "listening", async {
+            listener
+                .listen(CHANGES_CHANNEL)
+                .await
+                .context("cannot listen for chat changes")
+        })
+        .await?;
         // Listening starts before catching up, so nothing committed in between is missed.
         if self.model.is_loaded() {
-            self.reconcile().await?;
+            guarded(
+                &mut listener,
+                self.load_timeout,
+                "reconciling",
+                self.reconcile(),
+            )
+            .await?;
         } else {
-            self.full_load().await?;
+            guarded(
+                &mut listener,
+                self.load_timeout,
+                "loading",
+                self.full_load(),
+            )
+            .await?;
         }
         if std::mem::take(failing) {
             tracing::info!(
@@ -134,52 +261,60 @@ impl Syncer<'_> {
         loop {
             match tokio::time::timeout(HEARTBEAT, listener.try_recv()).await {
                 Ok(received) => {
-                    let first = received
-                        .context("notification connection failed")?
-                        .context("notification connection lost")?;
-                    let mut batch = Batch::default();
-                    batch.add(first.payload());
-                    let gather_until = tokio::time::Instant::now() + BATCH_WINDOW;
-                    while !batch.is_full() {
-                        match tokio::time::timeout_at(gather_until, listener.try_recv()).await {
-                            Ok(received) => batch.add(
-                                received
-                                    .context("notification connection failed")?
-                                    .context("notification connection lost")?
-                                    .payload(),
-                            ),
-                            Err(_) => break,
-                        }
-                    }
+                    let first = notification(received)?;
+                    let batch = batch::gather(&mut listener, first).await?;
                     if batch.is_full() {
-                        self.full_load().await?;
+                        if batch.drained > 0 {
+                            tracing::info!(
+                                notifications = batch.drained + MAX_BATCH_IDS,
+                                "a bulk change: one full load covers it"
+                            );
+                        }
+                        guarded(
+                            &mut listener,
+                            self.load_timeout,
+                            "loading",
+                            self.full_load(),
+                        )
+                        .await?;
                     } else {
                         let ids: Vec<i32> = batch.ids.into_iter().collect();
-                        self.reload(&ids, "notified").await?;
+                        guarded(
+                            &mut listener,
+                            self.load_timeout,
+                            "reloading",
+                            self.reload(&ids, "notified"),
+                        )
+                        .await?;
                     }
                 }
-                Err(_) => {
-                    sqlx::query("select 1")
-                        .execute(&mut listener)
-                        .await
-                        .context("notification connection does not answer")?;
-                }
+                Err(_) => ping(&mut listener).await?,
             }
             // Every notification committed before this point has been applied.
             self.model.mark_synced();
             if Instant::now() >= next_reconcile {
-                self.reconcile().await?;
+                guarded(
+                    &mut listener,
+                    self.load_timeout,
+                    "reconciling",
+                    self.reconcile(),
+                )
+                .await?;
                 next_reconcile = Instant::now() + reconcile_every;
             }
         }
     }
 
-    /// Loads every chat from one snapshot and replaces the model.
+    /// Loads every chat from one snapshot and replaces the model. The load's statements run
+    /// under `READ_MODEL_LOAD_TIMEOUT`, not the requests' statement timeout.
     async fn full_load(&self) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut tx = postgres::snapshot(self.pool)
             .await
             .context("cannot start a load")?;
+        postgres::set_load_timeout(&mut tx, self.load_timeout)
+            .await
+            .context("cannot set the load's statement timeout")?;
         let lowercase = Lowercase::from_pairs(
             postgres::lowercase_map(&mut tx)
                 .await
@@ -189,7 +324,7 @@ impl Syncer<'_> {
             .await
             .context("cannot count chats")?;
         let mut rows = LoadBuffer::with_capacity(usize::try_from(expected).unwrap_or(0));
-        postgres::load_all(&mut tx, |row| rows.push(row))
+        postgres::load_all(&mut tx, ROW_DEADLINE, |row| rows.push(row))
             .await
             .context("cannot load chats")?;
         let mut text_orders = Vec::new();
@@ -205,6 +340,7 @@ impl Syncer<'_> {
             .await
             .context("building the read model panicked")?;
         self.model.replace(model);
+        self.metrics.read_model_full_loads.inc();
         self.metrics
             .read_model_rows
             .with_label_values(&["full_load"])

@@ -39,9 +39,22 @@ pub struct ReadPath {
     /// Read counts from Redis and enqueue refreshes; false under PARTICIPANTS_INTEGRATION_DISABLED.
     pub integration_enabled: bool,
     pub refresh_dedup_ttl: Duration,
+    /// How long a read before the first load waits for it (a little less than the request
+    /// timeout, so that the answer is `loading`, not `timeout`).
+    pub load_wait: Duration,
 }
 
 impl ReadPath {
+    /// Waits for the first load if it has not finished (SPEC §3: a read is never refused
+    /// because the api has just started); `Loading` only when it does not finish in time.
+    async fn loaded(&self) -> Result<(), ApiError> {
+        if self.model.is_loaded() || self.model.wait_loaded(self.load_wait).await {
+            Ok(())
+        } else {
+            Err(ApiError::Loading)
+        }
+    }
+
     fn model_age(&self) -> Result<Duration, ApiError> {
         self.model.age().ok_or(ApiError::Loading)
     }
@@ -52,6 +65,7 @@ impl ReadPath {
         scope: Scope,
         query: &ListQuery,
     ) -> Result<Served<ChatPage>, ApiError> {
+        self.loaded().await?;
         let selection = self.model.page(scope, query).ok_or(ApiError::Loading)?;
         let model_age = self.model_age()?;
         let total = i64::try_from(selection.total).unwrap_or(i64::MAX);
@@ -69,7 +83,8 @@ impl ReadPath {
     }
 
     /// One chat, if it exists and lies in `scope`.
-    pub fn find(&self, scope: Scope, id: i32) -> Result<ChatRecord, ApiError> {
+    pub async fn find(&self, scope: Scope, id: i32) -> Result<ChatRecord, ApiError> {
+        self.loaded().await?;
         self.model
             .get(scope, id)
             .ok_or(ApiError::Loading)?
@@ -78,7 +93,7 @@ impl ReadPath {
 
     /// One chat in the shape of the list.
     pub async fn get(&self, scope: Scope, id: i32) -> Result<Served<ChatView>, ApiError> {
-        let record = self.find(scope, id)?;
+        let record = self.find(scope, id).await?;
         let model_age = self.model_age()?;
         let mut chats = self.present(vec![record]).await;
         Ok(Served {

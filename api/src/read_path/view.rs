@@ -1,8 +1,8 @@
 //! What a read answers: one chat as the legacy service showed it plus where its count came
 //! from, and a page of them.
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Serialize, Serializer};
 use utoipa::ToSchema;
 
 /// Where a served count came from.
@@ -26,13 +26,43 @@ pub struct ChatView {
     pub department: Option<String>,
     /// admin_panel, bot_registrar or academic_group
     pub source: String,
+    /// RFC 3339; Postgres' `infinity` is 9999-12-31T23:59:59.999999Z and `-infinity`
+    /// 0000-01-01T00:00:00Z (see `rfc3339`)
+    #[serde(serialize_with = "rfc3339")]
     pub created_at: Option<DateTime<Utc>>,
+    /// As `created_at`
+    #[serde(serialize_with = "rfc3339")]
     pub updated_at: Option<DateTime<Utc>>,
     pub participants_source: ParticipantsSource,
     /// When MAX was asked for this count; null if it never was
+    #[serde(serialize_with = "rfc3339")]
     pub participants_updated_at: Option<DateTime<Utc>>,
     /// True when the count is older than the stale threshold or was never refreshed
     pub participants_stale: bool,
+}
+
+/// The latest and earliest instants RFC 3339 can write (its years have four digits).
+fn rfc3339_range() -> (DateTime<Utc>, DateTime<Utc>) {
+    let first = NaiveDate::from_ymd_opt(0, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0));
+    let last = NaiveDate::from_ymd_opt(9999, 12, 31)
+        .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 999_999));
+    match (first, last) {
+        (Some(first), Some(last)) => (first.and_utc(), last.and_utc()),
+        _ => unreachable!("both dates exist"),
+    }
+}
+
+/// A timestamp as RFC 3339, which a client can parse, whatever Postgres holds: a legacy row may
+/// say `infinity`, `-infinity` (Postgres' own text for them is no date), a BC year or one past
+/// 9999. Those are shown as the nearest instant RFC 3339 can write, so `infinity` is
+/// 9999-12-31T23:59:59.999999Z and `-infinity` 0000-01-01T00:00:00Z, and the order of a page
+/// sorted by the column still reads right.
+pub fn rfc3339<S: Serializer>(
+    at: &Option<DateTime<Utc>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let (first, last) = rfc3339_range();
+    at.map(|at| at.clamp(first, last)).serialize(serializer)
 }
 
 /// One page of chats.

@@ -42,7 +42,7 @@ fn with_model_age<T: Serialize>(served: Served<T>) -> Response {
         (status = 400, description = "limit or offset is not an integer", body = ErrorBody),
         (status = 401, description = "Missing, malformed, expired or wrongly signed token", body = ErrorBody),
         (status = 403, description = "Unknown role", body = ErrorBody),
-        (status = 503, description = "The chats have not loaded yet since start-up (Postgres has not answered); retry after the Retry-After header", body = ErrorBody),
+        (status = 503, description = "The chats could not load since start-up within the request timeout (Postgres does not answer; a read during a load waits for it); retry after the Retry-After header", body = ErrorBody),
     )
 )]
 pub async fn list_chats(
@@ -77,7 +77,7 @@ fn parse_chat_id(text: &str) -> Result<Option<i32>, ApiError> {
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Unknown role", body = ErrorBody),
         (status = 404, description = "No such chat in the caller's scope", body = ErrorBody),
-        (status = 503, description = "The chats have not loaded yet since start-up", body = ErrorBody),
+        (status = 503, description = "The chats could not load since start-up within the request timeout", body = ErrorBody),
     )
 )]
 pub async fn get_chat(
@@ -157,7 +157,7 @@ pub async fn refresh_participants(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_chat_id(&id)?.ok_or(ApiError::NotFound("chat"))?;
-    let chat = state.reads.find(principal.scope, id)?;
+    let chat = state.reads.find(principal.scope, id).await?;
     if !state.settings.integration_enabled {
         return Err(ApiError::RefreshUnavailable(
             "the participants integration is disabled",

@@ -52,7 +52,7 @@ pub struct SyncdStatus {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReadModelStatus {
-    /// loaded, or loading (reads answer 503 until the first load)
+    /// loaded, or loading (reads wait for the first load up to the request timeout)
     pub status: &'static str,
     /// Chats held in memory
     pub chats: usize,
@@ -227,17 +227,30 @@ pub async fn health_redis(State(state): State<AppState>) -> (StatusCode, Json<De
     (code, Json(DependencyStatus { status }))
 }
 
-/// Readiness: 200 once the chats have loaded, and from then on, Postgres down or not (reads are
+/// Readiness: 200 once the chats have loaded, and from then on while Postgres is down (reads are
 /// served from memory, so a Postgres outage must not pull every replica out of the load
-/// balancer); 503 before the first load.
+/// balancer); 503 before the first load, and when the chats have not been in step with
+/// Postgres for READ_MODEL_MAX_AGE although the primary answers: then this replica's sync is
+/// stuck, not Postgres, and the replicas that follow it should serve instead.
 #[utoipa::path(get, path = "/health/ready", tag = "health",
     responses(
         (status = 200, description = "The api serves reads", body = ReadModelStatus),
-        (status = 503, description = "The chats have not loaded yet", body = ReadModelStatus),
+        (status = 503, description = "The chats have not loaded yet, or have not followed the answering primary for READ_MODEL_MAX_AGE", body = ReadModelStatus),
     ))]
 pub async fn health_ready(State(state): State<AppState>) -> (StatusCode, Json<ReadModelStatus>) {
     let status = read_model_status(&state);
-    let code = if state.reads.model.is_loaded() {
+    let max_age = state.settings.read_model_max_age;
+    let ready = match state.reads.model.age() {
+        None => false,
+        Some(age) if max_age.is_zero() || age <= max_age => true,
+        // Only a stale model needs a query: a probe every few seconds costs nothing otherwise.
+        Some(_) => !matches!(
+            tokio::time::timeout(DATABASE_CHECK_TIMEOUT, postgres::primary_answers(&state.db))
+                .await,
+            Ok(Ok(true))
+        ),
+    };
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -183,7 +183,10 @@ async fn reads_are_served_from_memory_while_postgres_is_down_and_catch_up_when_i
 async fn an_api_started_while_postgres_is_down_answers_503_until_its_first_load() {
     let mut pg = testkit::PgServer::start();
     let redis = testkit::RedisServer::start();
-    let args = crate::helpers::serve_args(&pg, &redis.url());
+    let mut args = crate::helpers::serve_args(&pg, &redis.url());
+    // A read waits for the load up to the request timeout, then answers 503 `loading`.
+    args.request_timeout = Duration::from_secs(2);
+    args.participants_refresh_wait = Duration::from_millis(100);
     api::migrate(&args.database).await.unwrap();
     pg.psql(
         "postgres",

@@ -134,7 +134,7 @@ impl TestApp {
 
     /// Waits until the api has loaded its read model (`/health/ready` answers 200).
     pub async fn wait_until_ready(&self) {
-        eventually(Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(60), || async {
             self.get("/health/ready", None).await.status() == 200
         })
         .await;
@@ -201,6 +201,12 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Stops the api and starts it again on the same servers (a restart: a fresh read model).
+    pub async fn restart_api(&mut self) {
+        self.stop_api().await.expect("the api stops cleanly");
+        self.start_api().await;
     }
 
     /// Stops the api gracefully and returns what `run` returned.

@@ -28,10 +28,15 @@ impl OwnModel {
         let model = ReadModel::new();
         let metrics = Metrics::new();
         let cancel = CancellationToken::new();
+        let settings = sync::SyncSettings::new(
+            &app.args.database,
+            reconcile_every,
+            app.args.read_model_load_timeout,
+        )
+        .unwrap();
         tokio::spawn(sync::run(
             model.clone(),
-            app.db.clone(),
-            reconcile_every,
+            settings,
             metrics.clone(),
             cancel.clone(),
         ));
