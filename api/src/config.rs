@@ -117,6 +117,11 @@ pub struct ServeArgs {
     #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Debug builds only, for tests: serve GET /debug/panic, a route that panics
+    #[arg(long, env = "API_DEBUG_PANIC_ROUTE", hide = true, default_value = "false", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub debug_panic_route: bool,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -144,6 +149,9 @@ impl ServeArgs {
         }
         if self.read_model_reconcile_interval < Duration::from_secs(1) {
             return Err("READ_MODEL_RECONCILE_INTERVAL must be at least 1s".to_owned());
+        }
+        if self.debug_panic_route && !cfg!(debug_assertions) {
+            return Err("API_DEBUG_PANIC_ROUTE is for debug builds only; unset it".to_owned());
         }
         if self.request_timeout <= self.participants_refresh_wait {
             return Err(

@@ -113,7 +113,6 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status_code();
         match &self {
             ApiError::DatabaseUnavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
@@ -123,6 +122,14 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        self.generic_response()
+    }
+}
+
+impl ApiError {
+    /// The response, without logging the cause (for a caller that logged it already).
+    pub fn generic_response(self) -> Response {
+        let status = self.status_code();
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code(),

@@ -49,6 +49,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    routes::install_panic_hook();
     let metrics = metrics::Metrics::new();
     // No statement outlives the request that waits for it (the read model's loads take about
     // a second at 150,000 chats, well within the request timeout).
@@ -137,6 +138,7 @@ pub async fn run(
             refresh_wait: args.participants_refresh_wait,
             redis_wait_replicas: args.redis_wait_replicas,
             request_timeout: args.request_timeout,
+            debug_panic_route: args.debug_panic_route,
         }),
     };
 

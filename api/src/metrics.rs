@@ -19,6 +19,7 @@ pub struct Metrics {
     pub refresh_waits: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub http_panics: IntCounterVec,
     pub read_model_age: Gauge,
     pub read_model_chats: IntGauge,
     pub read_model_rows: IntCounterVec,
@@ -123,6 +124,17 @@ impl Metrics {
         registry
             .register(Box::new(http_duration.clone()))
             .expect("metric registers once");
+        let http_panics = IntCounterVec::new(
+            Opts::new(
+                "http_panics_total",
+                "Requests whose handler panicked, by route (each answered 500 and logged once with its request id)",
+            ),
+            &["route"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(http_panics.clone()))
+            .expect("metric registers once");
         let read_model_age = Gauge::new(
             "participants_read_model_age_seconds",
             "Seconds since the in-memory chats were last known to match Postgres (-1 before the first load)",
@@ -177,6 +189,7 @@ impl Metrics {
             refresh_waits,
             http_requests,
             http_duration,
+            http_panics,
             read_model_age,
             read_model_chats,
             read_model_rows,

@@ -39,4 +39,6 @@ pub struct Settings {
     /// Replicas that must hold a manual refresh request before it is acknowledged.
     pub redis_wait_replicas: u32,
     pub request_timeout: Duration,
+    /// Serve `GET /debug/panic` (debug builds only, for the tests of panic handling).
+    pub debug_panic_route: bool,
 }
