@@ -13,7 +13,7 @@ pub mod query;
 pub mod view;
 
 use counts::{enrich, Freshness};
-use query::ListQuery;
+use query::{CountSource, ListQuery};
 use view::{ChatPage, ChatView};
 
 use crate::cache::Cache;
@@ -51,11 +51,12 @@ impl ReadPath {
         &self,
         scope: Scope,
         query: &ListQuery,
+        counts: CountSource,
     ) -> Result<Served<ChatPage>, ApiError> {
         let selection = self.model.page(scope, query).ok_or(ApiError::Loading)?;
         let model_age = self.model_age()?;
         let total = i64::try_from(selection.total).unwrap_or(i64::MAX);
-        let data = self.present(selection.chats).await;
+        let data = self.present(selection.chats, counts).await;
         Ok(Served {
             body: ChatPage {
                 data,
@@ -77,10 +78,15 @@ impl ReadPath {
     }
 
     /// One chat in the shape of the list.
-    pub async fn get(&self, scope: Scope, id: i32) -> Result<Served<ChatView>, ApiError> {
+    pub async fn get(
+        &self,
+        scope: Scope,
+        id: i32,
+        counts: CountSource,
+    ) -> Result<Served<ChatView>, ApiError> {
         let record = self.find(scope, id)?;
         let model_age = self.model_age()?;
-        let mut chats = self.present(vec![record]).await;
+        let mut chats = self.present(vec![record], counts).await;
         Ok(Served {
             body: chats.remove(0),
             model_age,
@@ -88,9 +94,11 @@ impl ReadPath {
     }
 
     /// Turns records into the response shape: counts from Redis when it has them (one round
-    /// trip), from the model otherwise, and stale ones enqueued in the background.
-    async fn present(&self, records: Vec<ChatRecord>) -> Vec<ChatView> {
-        let use_redis = self.integration_enabled && self.cache.is_enabled();
+    /// trip), from the model otherwise, and stale ones enqueued in the background. With
+    /// `CountSource::Stored` Redis is not asked and nothing is enqueued.
+    async fn present(&self, records: Vec<ChatRecord>, counts: CountSource) -> Vec<ChatView> {
+        let use_redis =
+            counts == CountSource::Cached && self.integration_enabled && self.cache.is_enabled();
         let cached = if use_redis && !records.is_empty() {
             let ids: Vec<i32> = records.iter().map(|record| record.id).collect();
             match self.cache.read_counts(&ids).await {

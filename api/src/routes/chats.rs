@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
-use crate::read_path::query::{ListParams, ListQuery};
+use crate::read_path::query::{ChatParams, CountSource, ListParams, ListQuery};
 use crate::read_path::view::{ChatPage, ChatView};
 use crate::read_path::Served;
 use crate::state::AppState;
@@ -39,7 +39,7 @@ fn with_model_age<T: Serialize>(served: Served<T>) -> Response {
     responses(
         (status = 200, description = "A page of chats", body = ChatPage,
             headers(("x-read-model-age" = i64, description = "Seconds since the chats were last known to match Postgres"))),
-        (status = 400, description = "limit or offset is not an integer", body = ErrorBody),
+        (status = 400, description = "limit or offset is not an integer, or use_cached_participants not a boolean", body = ErrorBody),
         (status = 401, description = "Missing, malformed, expired or wrongly signed token", body = ErrorBody),
         (status = 403, description = "Unknown role", body = ErrorBody),
         (status = 503, description = "The chats have not loaded yet since start-up (Postgres has not answered); retry after the Retry-After header", body = ErrorBody),
@@ -52,7 +52,8 @@ pub async fn list_chats(
 ) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let query = ListQuery::parse(&params)?;
-    let page = state.reads.list(principal.scope, &query).await?;
+    let counts = CountSource::parse(params.use_cached_participants.as_deref())?;
+    let page = state.reads.list(principal.scope, &query, counts).await?;
     Ok(with_model_age(page))
 }
 
@@ -68,12 +69,12 @@ fn parse_chat_id(text: &str) -> Result<Option<i32>, ApiError> {
 /// One chat, in the same shape as in the list.
 #[utoipa::path(
     get, path = "/chats/{id}", tag = "chats",
-    params(("id" = i64, Path, description = "chats.id (not the MAX chat id)")),
+    params(("id" = i64, Path, description = "chats.id (not the MAX chat id)"), ChatParams),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The chat", body = ChatView,
             headers(("x-read-model-age" = i64, description = "Seconds since the chats were last known to match Postgres"))),
-        (status = 400, description = "The id is not an integer", body = ErrorBody),
+        (status = 400, description = "The id is not an integer, or use_cached_participants not a boolean", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Unknown role", body = ErrorBody),
         (status = 404, description = "No such chat in the caller's scope", body = ErrorBody),
@@ -84,9 +85,12 @@ pub async fn get_chat(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
+    query: Result<Query<ChatParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_chat_id(&id)?.ok_or(ApiError::NotFound("chat"))?;
-    let chat = state.reads.get(principal.scope, id).await?;
+    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let counts = CountSource::parse(params.use_cached_participants.as_deref())?;
+    let chat = state.reads.get(principal.scope, id, counts).await?;
     Ok(with_model_age(chat))
 }
 
