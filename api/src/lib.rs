@@ -108,6 +108,11 @@ pub async fn run(
         },
         integration_enabled,
         refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
+        searches: read_path::search_gate::SearchGate::new(
+            args.costly_searches_per_user_per_minute,
+            args.costly_search_concurrency as usize,
+            (args.search_scan_budget_mb as usize) << 20,
+        ),
     });
     let refresh_gate = Arc::new(refresh_gate::RefreshGate::new(
         args.participants_refresh_per_user_per_minute,
@@ -115,12 +120,16 @@ pub async fn run(
     ));
     tokio::spawn({
         let gate = refresh_gate.clone();
+        let reads = reads.clone();
         let cancel = background.clone();
         async move {
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_secs(60)) => gate.forget_idle(),
+                    () = tokio::time::sleep(Duration::from_secs(60)) => {
+                        gate.forget_idle();
+                        reads.searches.forget_idle();
+                    }
                 }
             }
         }

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub http_panics: IntCounterVec,
+    pub costly_searches: IntCounterVec,
     pub read_model_age: Gauge,
     pub read_model_chats: IntGauge,
     pub read_model_rows: IntCounterVec,
@@ -135,6 +136,20 @@ impl Metrics {
         registry
             .register(Box::new(http_panics.clone()))
             .expect("metric registers once");
+        let costly_searches = IntCounterVec::new(
+            Opts::new(
+                "participants_costly_searches_total",
+                "Searches that may compare more than 20,000 chats, by outcome: served, rate_limited (429, API_COSTLY_SEARCHES_PER_USER_PER_MINUTE) or over_budget (422, API_SEARCH_SCAN_BUDGET_MB; cheap searches past it too)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(costly_searches.clone()))
+            .expect("metric registers once");
+        for outcome in ["served", "rate_limited", "over_budget"] {
+            costly_searches.with_label_values(&[outcome]);
+        }
         let read_model_age = Gauge::new(
             "participants_read_model_age_seconds",
             "Seconds since the in-memory chats were last known to match Postgres (-1 before the first load)",
@@ -190,6 +205,7 @@ impl Metrics {
             http_requests,
             http_duration,
             http_panics,
+            costly_searches,
             read_model_age,
             read_model_chats,
             read_model_rows,

@@ -10,16 +10,18 @@ use shared::refresh::Priority;
 
 pub mod counts;
 pub mod query;
+pub mod search_gate;
 pub mod view;
 
 use counts::{enrich, Freshness};
 use query::{CountSource, ListQuery};
+use search_gate::SearchGate;
 use view::{ChatPage, ChatView};
 
 use crate::cache::Cache;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::read_model::{ChatRecord, ReadModel};
+use crate::read_model::{ChatRecord, ReadModel, Selection};
 use crate::scope::Scope;
 
 /// What a read answers, and how old the read model behind it is.
@@ -39,6 +41,8 @@ pub struct ReadPath {
     /// Read counts from Redis and enqueue refreshes; false under PARTICIPANTS_INTEGRATION_DISABLED.
     pub integration_enabled: bool,
     pub refresh_dedup_ttl: Duration,
+    /// The bounds on a search's work.
+    pub searches: SearchGate,
 }
 
 impl ReadPath {
@@ -46,14 +50,15 @@ impl ReadPath {
         self.model.age().ok_or(ApiError::Loading)
     }
 
-    /// A page of chats in `scope`.
+    /// A page of chats in `scope`, for `caller` (the token's `sub`).
     pub async fn list(
         &self,
         scope: Scope,
+        caller: &str,
         query: &ListQuery,
         counts: CountSource,
     ) -> Result<Served<ChatPage>, ApiError> {
-        let selection = self.model.page(scope, query).ok_or(ApiError::Loading)?;
+        let selection = self.select(scope, caller, query).await?;
         let model_age = self.model_age()?;
         let total = i64::try_from(selection.total).unwrap_or(i64::MAX);
         let data = self.present(selection.chats, counts).await;
@@ -66,6 +71,45 @@ impl ReadPath {
                 total_pages: query.total_pages(total),
             },
             model_age,
+        })
+    }
+
+    /// The page from the model, within the search bounds: a costly search is admitted by the
+    /// caller's rate, waits for a place among the costly searches, and runs off the async
+    /// workers; any search past its scan budget is refused.
+    async fn select(
+        &self,
+        scope: Scope,
+        caller: &str,
+        query: &ListQuery,
+    ) -> Result<Selection, ApiError> {
+        let work = self
+            .model
+            .search_work(scope, &query.words)
+            .ok_or(ApiError::Loading)?;
+        let budget = self.searches.scan_budget;
+        let costly = &self.metrics.costly_searches;
+        let selection = if SearchGate::is_costly(work) {
+            if let Err(wait) = self.searches.admit(caller) {
+                costly.with_label_values(&["rate_limited"]).inc();
+                return Err(ApiError::TooManySearches(wait));
+            }
+            let _slot = self.searches.slot().await;
+            let model = self.model.clone();
+            let query = query.clone();
+            let selection = tokio::task::spawn_blocking(move || model.page(scope, &query, budget))
+                .await
+                .map_err(|e| ApiError::Internal(e.into()))?;
+            if selection.as_ref().is_some_and(Result::is_ok) {
+                costly.with_label_values(&["served"]).inc();
+            }
+            selection
+        } else {
+            self.model.page(scope, query, budget)
+        };
+        selection.ok_or(ApiError::Loading)?.map_err(|_| {
+            costly.with_label_values(&["over_budget"]).inc();
+            ApiError::SearchTooBroad(budget)
         })
     }
 

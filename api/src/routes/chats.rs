@@ -42,6 +42,9 @@ fn with_model_age<T: Serialize>(served: Served<T>) -> Response {
         (status = 400, description = "limit or offset is not an integer, or use_cached_participants not a boolean", body = ErrorBody),
         (status = 401, description = "Missing, malformed, expired or wrongly signed token", body = ErrorBody),
         (status = 403, description = "Unknown role", body = ErrorBody),
+        (status = 422, description = "search_too_broad: the search would compare more than API_SEARCH_SCAN_BUDGET_MB of chats (many short words matching nearly every chat); use fewer or longer words", body = ErrorBody),
+        (status = 429, description = "This caller ran more than API_COSTLY_SEARCHES_PER_USER_PER_MINUTE costly searches (ones that may compare more than 20,000 chats: words of 1-2 characters, or of only common trigrams, not searched recently); Retry-After says when to ask again", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the caller may run a costly search again"))),
         (status = 503, description = "The chats have not loaded yet since start-up (Postgres has not answered); retry after the Retry-After header", body = ErrorBody),
     )
 )]
@@ -53,7 +56,10 @@ pub async fn list_chats(
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let query = ListQuery::parse(&params)?;
     let counts = CountSource::parse(params.use_cached_participants.as_deref())?;
-    let page = state.reads.list(principal.scope, &query, counts).await?;
+    let page = state
+        .reads
+        .list(principal.scope, &principal.user_id, &query, counts)
+        .await?;
     Ok(with_model_age(page))
 }
 

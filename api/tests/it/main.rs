@@ -12,3 +12,4 @@ mod meta;
 mod migrations;
 mod read_model;
 mod schemathesis;
+mod search_bounds;
