@@ -19,6 +19,7 @@ pub mod postgres;
 pub mod read_model;
 pub mod read_path;
 pub mod refresh_gate;
+pub mod refresh_wait;
 pub mod routes;
 pub mod scope;
 pub mod state;

@@ -7,7 +7,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
 use crate::auth::Principal;
@@ -15,6 +14,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::read_path::query::{ChatParams, CountSource, ListParams, ListQuery};
 use crate::read_path::view::{ChatPage, ChatView};
 use crate::read_path::Served;
+use crate::refresh_wait::{refresh_and_wait, Waited};
 use crate::state::AppState;
 
 /// Seconds since the api's in-memory chats were last known to match Postgres: near 0 normally,
@@ -168,98 +168,31 @@ pub async fn refresh_participants(
 ) -> Result<Response, ApiError> {
     let id = parse_chat_id(&id)?.ok_or(ApiError::NotFound("chat"))?;
     let chat = state.reads.find(principal.scope, id)?;
-    if !state.settings.integration_enabled {
-        return Err(ApiError::RefreshUnavailable(
-            "the participants integration is disabled",
-        ));
-    }
-    if !state.cache.is_enabled() {
-        return Err(ApiError::RefreshUnavailable("redis is disabled"));
-    }
-    state
-        .refresh_gate
-        .admit(&principal.user_id)
-        .map_err(ApiError::TooManyRequests)?;
-    // Any outcome published from now on is at most as old as this request: it comes from a
-    // MAX call made either for this request or for one already in flight for the same chat.
-    let mut outcomes = state.waiters.subscribe();
-    let replicated = state
-        .cache
-        .enqueue_manual(
-            chat.id,
-            state.settings.refresh_wait,
-            state.settings.redis_wait_replicas,
-            shared::telemetry::current_traceparent().as_deref(),
-        )
-        .await
-        .map_err(|_| ApiError::RefreshUnavailable("redis is unavailable"))?;
-    if !replicated {
-        // The request is in the stream but could vanish in a failover: do not acknowledge it.
-        return Err(ApiError::RefreshUnavailable(
-            "redis could not replicate the request; retry",
-        ));
-    }
-    let wait = async {
-        loop {
-            match outcomes.recv().await {
-                Ok(outcome) if outcome.chat_id == chat.id => {
-                    if let Some(count) = outcome.participants_count {
-                        return Some(RefreshDone::Updated(RefreshUpdated {
-                            status: "updated",
-                            chat_id: chat.id,
-                            participants_count: count,
-                            updated_at: outcome.updated_at,
-                            source: "api",
-                        }));
-                    }
-                    if let Some(reason) = outcome.error {
-                        return Some(RefreshDone::Unavailable(RefreshUnavailable {
-                            status: "unavailable",
-                            chat_id: chat.id,
-                            reason,
-                            checked_at: outcome.updated_at,
-                        }));
-                    }
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+    let done = match refresh_and_wait(&state, chat.id, &principal.user_id).await? {
+        Waited::Updated { count, at } => RefreshDone::Updated(RefreshUpdated {
+            status: "updated",
+            chat_id: chat.id,
+            participants_count: count,
+            updated_at: at,
+            source: "api",
+        }),
+        Waited::Unavailable { reason, checked_at } => {
+            RefreshDone::Unavailable(RefreshUnavailable {
+                status: "unavailable",
+                chat_id: chat.id,
+                reason,
+                checked_at,
+            })
         }
-    };
-    let metrics = &state.metrics.refresh_waits;
-    // The request is in the stream either way; only a place among the waiters is capped.
-    let Some(_waiting) = state.refresh_gate.try_wait() else {
-        metrics.with_label_values(&["busy"]).inc();
-        return Ok((
-            StatusCode::ACCEPTED,
-            Json(RefreshQueued {
+        Waited::Queued => {
+            let queued = RefreshQueued {
                 status: "queued",
                 chat_id: chat.id,
-            }),
-        )
-            .into_response());
-    };
-    match tokio::time::timeout(state.settings.refresh_wait, wait).await {
-        Ok(Some(done)) => {
-            let outcome = match &done {
-                RefreshDone::Updated(_) => "updated",
-                RefreshDone::Unavailable(_) => "unavailable",
             };
-            metrics.with_label_values(&[outcome]).inc();
-            Ok(Json(done).into_response())
+            return Ok((StatusCode::ACCEPTED, Json(queued)).into_response());
         }
-        _ => {
-            metrics.with_label_values(&["queued"]).inc();
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(RefreshQueued {
-                    status: "queued",
-                    chat_id: chat.id,
-                }),
-            )
-                .into_response())
-        }
-    }
+    };
+    Ok(Json(done).into_response())
 }
 
 #[cfg(test)]
