@@ -25,6 +25,7 @@ struct Cli {
 mod drill;
 mod fresh;
 mod read;
+mod read_hostile;
 mod shutdown;
 mod soak;
 mod stack;
@@ -40,6 +41,10 @@ enum Bench {
         seconds: u64,
         #[arg(long, default_value_t = 64)]
         connections: u32,
+        /// Instead: a normal page's p99 while 8 clients send worst-case searches (16 random
+        /// two-character words each), against the page alone, on a whole deployment
+        #[arg(long)]
+        hostile_searches: bool,
     },
     /// SIGTERM to a busy syncd with MAX up, MAX down and Redis down: time to exit against the
     /// grace period, and MAX calls after the signal
@@ -143,6 +148,13 @@ async fn main() -> anyhow::Result<()> {
             chats,
             seconds,
             connections,
+            hostile_searches: true,
+        } => read_hostile::run(chats, seconds, connections).await?,
+        Bench::Read {
+            chats,
+            seconds,
+            connections,
+            hostile_searches: false,
         } => read::run(chats, seconds, connections).await?,
         Bench::Drill { only } => drill::run(&only).await?,
         Bench::Shutdown => shutdown::run().await?,
