@@ -180,6 +180,33 @@ pub struct ServeArgs {
     /// set, the main listener no longer serves them. Unset: both stay on API_LISTEN_ADDR
     #[arg(long, env = "API_ADMIN_LISTEN_ADDR")]
     pub admin_listen_addr: Option<SocketAddr>,
+    /// Most MiB of chat text one search may compare with its words; a search needing more
+    /// (many short words that match nearly every chat) is answered 422 search_too_broad
+    #[arg(long, env = "API_SEARCH_SCAN_BUDGET_MB", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub search_scan_budget_mb: u32,
+
+    /// Costly searches (ones that may compare more than 20,000 chats: words of 1-2 characters
+    /// or of only common trigrams, not searched recently) one caller (the token's `sub`) may run
+    /// per minute on each api replica, as a burst or spread out; past it 429 with Retry-After.
+    /// 0 turns the rate off
+    #[arg(
+        long,
+        env = "API_COSTLY_SEARCHES_PER_USER_PER_MINUTE",
+        default_value_t = 30
+    )]
+    pub costly_searches_per_user_per_minute: u32,
+
+    /// Costly searches that run at once on each api replica, each on a thread of its own so
+    /// that pages go on being served; the others wait their turn (within API_REQUEST_TIMEOUT)
+    #[arg(long, env = "API_COSTLY_SEARCH_CONCURRENCY", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub costly_search_concurrency: u32,
+
+    /// Debug builds only, for tests: serve GET /debug/panic, a route that panics
+    #[arg(long, env = "API_DEBUG_PANIC_ROUTE", hide = true, default_value = "false", value_parser = parse_bool,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub debug_panic_route: bool,
 
     #[command(flatten)]
     pub log: LogArgs,
@@ -229,6 +256,9 @@ impl ServeArgs {
         }
         if self.read_model_load_timeout < Duration::from_secs(1) {
             return Err("READ_MODEL_LOAD_TIMEOUT must be at least 1s".to_owned());
+        }
+        if self.debug_panic_route && !cfg!(debug_assertions) {
+            return Err("API_DEBUG_PANIC_ROUTE is for debug builds only; unset it".to_owned());
         }
         if self.request_timeout <= self.participants_refresh_wait {
             return Err(

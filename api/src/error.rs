@@ -36,6 +36,12 @@ pub enum ApiError {
     /// This caller asked for too many refreshes; the value is when it may ask again.
     #[error("too many refresh requests; retry after {} s", retry_after_secs(.0))]
     TooManyRequests(std::time::Duration),
+    /// This caller ran too many costly searches; the value is when it may run one again.
+    #[error("too many costly searches; retry after {} s, or search for a longer word", retry_after_secs(.0))]
+    TooManySearches(std::time::Duration),
+    /// A search would compare more than its scan budget (the value, in bytes) of chats.
+    #[error("this search would compare more than {} MiB of chats; use fewer or longer words (3 characters or more)", .0 >> 20)]
+    SearchTooBroad(usize),
     /// The read model has not loaded yet (Postgres has not answered since start-up).
     #[error("the chat list is loading; retry")]
     Loading,
@@ -70,7 +76,10 @@ impl ApiError {
             | ApiError::Overloaded
             | ApiError::Loading => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests(_) | ApiError::TooManySearches(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::SearchTooBroad(_) => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -87,7 +96,8 @@ impl ApiError {
             ApiError::Overloaded => "overloaded",
             ApiError::Loading => "loading",
             ApiError::Internal(_) => "internal_error",
-            ApiError::TooManyRequests(_) => "too_many_requests",
+            ApiError::TooManyRequests(_) | ApiError::TooManySearches(_) => "too_many_requests",
+            ApiError::SearchTooBroad(_) => "search_too_broad",
         }
     }
 
@@ -118,7 +128,6 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status_code();
         match &self {
             ApiError::DatabaseUnavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
@@ -128,6 +137,14 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        self.generic_response()
+    }
+}
+
+impl ApiError {
+    /// The response, without logging the cause (for a caller that logged it already).
+    pub fn generic_response(self) -> Response {
+        let status = self.status_code();
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code(),
@@ -141,7 +158,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let ApiError::TooManyRequests(wait) = &self {
+        if let ApiError::TooManyRequests(wait) | ApiError::TooManySearches(wait) = &self {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(wait)),

@@ -20,6 +20,7 @@ pub mod postgres;
 pub mod read_model;
 pub mod read_path;
 pub mod refresh_gate;
+pub mod refresh_wait;
 pub mod routes;
 pub mod scope;
 pub mod serve;
@@ -79,6 +80,7 @@ pub async fn run_with_admin(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    routes::install_panic_hook();
     let metrics = metrics::Metrics::new();
     // No statement outlives the request that waits for it (the read model's loads take about
     // a second at 150,000 chats, well within the request timeout).
@@ -151,6 +153,11 @@ pub async fn run_with_admin(
         integration_enabled,
         refresh_dedup_ttl: args.participants_refresh_dedup_ttl,
         load_wait: load_wait(args.request_timeout),
+        searches: read_path::search_gate::SearchGate::new(
+            args.costly_searches_per_user_per_minute,
+            args.costly_search_concurrency as usize,
+            (args.search_scan_budget_mb as usize) << 20,
+        ),
     });
     let refresh_gate = Arc::new(refresh_gate::RefreshGate::new(
         args.participants_refresh_per_user_per_minute,
@@ -158,12 +165,16 @@ pub async fn run_with_admin(
     ));
     tokio::spawn({
         let gate = refresh_gate.clone();
+        let reads = reads.clone();
         let cancel = background.clone();
         async move {
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_secs(60)) => gate.forget_idle(),
+                    () = tokio::time::sleep(Duration::from_secs(60)) => {
+                        gate.forget_idle();
+                        reads.searches.forget_idle();
+                    }
                 }
             }
         }
@@ -187,6 +198,7 @@ pub async fn run_with_admin(
             redis_wait_replicas: args.redis_wait_replicas,
             request_timeout: args.request_timeout,
             read_model_max_age: args.read_model_max_age,
+            debug_panic_route: args.debug_panic_route,
         }),
     };
 

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub refresh_waits: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub http_panics: IntCounterVec,
+    pub costly_searches: IntCounterVec,
     pub read_model_age: Gauge,
     pub read_model_chats: IntGauge,
     pub read_model_rows: IntCounterVec,
@@ -148,6 +150,31 @@ impl Metrics {
         registry
             .register(Box::new(http_duration.clone()))
             .expect("metric registers once");
+        let http_panics = IntCounterVec::new(
+            Opts::new(
+                "http_panics_total",
+                "Requests whose handler panicked, by route (each answered 500 and logged once with its request id)",
+            ),
+            &["route"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(http_panics.clone()))
+            .expect("metric registers once");
+        let costly_searches = IntCounterVec::new(
+            Opts::new(
+                "participants_costly_searches_total",
+                "Searches that may compare more than 20,000 chats, by outcome: served, rate_limited (429, API_COSTLY_SEARCHES_PER_USER_PER_MINUTE) or over_budget (422, API_SEARCH_SCAN_BUDGET_MB; cheap searches past it too)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(costly_searches.clone()))
+            .expect("metric registers once");
+        for outcome in ["served", "rate_limited", "over_budget"] {
+            costly_searches.with_label_values(&[outcome]);
+        }
         let read_model_age = Gauge::new(
             "participants_read_model_age_seconds",
             "Seconds since the in-memory chats were last known to match Postgres (-1 before the first load)",
@@ -256,6 +283,8 @@ impl Metrics {
             refresh_waits,
             http_requests,
             http_duration,
+            http_panics,
+            costly_searches,
             read_model_age,
             read_model_chats,
             read_model_rows,

@@ -43,4 +43,6 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// READ_MODEL_MAX_AGE: past it (the primary answering), the replica is not ready.
     pub read_model_max_age: Duration,
+    /// Serve `GET /debug/panic` (debug builds only, for the tests of panic handling).
+    pub debug_panic_route: bool,
 }

@@ -26,6 +26,7 @@ mod drill;
 mod fresh;
 mod model;
 mod read;
+mod read_hostile;
 mod restart;
 mod shutdown;
 mod soak;
@@ -42,6 +43,10 @@ enum Bench {
         seconds: u64,
         #[arg(long, default_value_t = 64)]
         connections: u32,
+        /// Instead: a normal page's p99 while 8 clients send worst-case searches (16 random
+        /// two-character words each), against the page alone, on a whole deployment
+        #[arg(long)]
+        hostile_searches: bool,
     },
     /// The read model under changes: read latency and peak memory through a full reload and a
     /// 50,000-row rename, and new rows per second visible; with --old-api, another build's
@@ -164,6 +169,13 @@ async fn main() -> anyhow::Result<()> {
             chats,
             seconds,
             connections,
+            hostile_searches: true,
+        } => read_hostile::run(chats, seconds, connections).await?,
+        Bench::Read {
+            chats,
+            seconds,
+            connections,
+            hostile_searches: false,
         } => read::run(chats, seconds, connections).await?,
         Bench::Model {
             chats,

@@ -60,6 +60,16 @@ pub fn wrk(
              request = function()\n  return wrk.format(\"GET\", {path_expr})\nend\n"
         ),
     )?;
+    wrk_script(port, &script, seconds, connections)
+}
+
+/// Runs wrk with the Lua `script` (its `request` builds each request) on 2 threads.
+pub fn wrk_script(
+    port: u16,
+    script: &Path,
+    seconds: u64,
+    connections: u32,
+) -> anyhow::Result<WrkResult> {
     let output = Command::new("wrk")
         .args([
             "-t2",
@@ -68,7 +78,7 @@ pub fn wrk(
             "--latency",
             "-s",
         ])
-        .arg(&script)
+        .arg(script)
         .arg(format!("http://127.0.0.1:{port}"))
         .output()
         .context("wrk runs (apt-get install wrk)")?;

@@ -5,7 +5,43 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use clap::Args;
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A process's health as its health endpoints report it (`"status"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overall {
+    /// Everything it depends on is up.
+    Ok,
+    /// It serves, with something it depends on down.
+    Degraded,
+    /// It cannot serve (the api without Postgres).
+    Unavailable,
+}
+
+/// One dependency's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dependency {
+    Up,
+    Down,
+    /// Turned off by configuration (`DISABLE_REDIS`).
+    Disabled,
+    /// Cannot be told (syncd's heartbeat while Redis is down).
+    Unknown,
+}
+
+impl Dependency {
+    /// `Up` or `Down`.
+    pub fn up_if(up: bool) -> Self {
+        if up {
+            Self::Up
+        } else {
+            Self::Down
+        }
+    }
+}
 
 /// Where the health endpoint is, and how long to wait for it.
 #[derive(Args, Debug, Clone)]
@@ -88,5 +124,26 @@ pub fn run(name: &str, listen: SocketAddr, args: &HealthCheck) -> std::process::
             eprintln!("{name}: unhealthy: {message}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_spelled_as_before() {
+        let spelled =
+            serde_json::to_string(&[Overall::Ok, Overall::Degraded, Overall::Unavailable]).unwrap();
+        assert_eq!(spelled, r#"["ok","degraded","unavailable"]"#);
+        let spelled = serde_json::to_string(&[
+            Dependency::Up,
+            Dependency::Down,
+            Dependency::Disabled,
+            Dependency::Unknown,
+        ])
+        .unwrap();
+        assert_eq!(spelled, r#"["up","down","disabled","unknown"]"#);
+        assert_eq!(Dependency::up_if(false), Dependency::Down);
     }
 }

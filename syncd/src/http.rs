@@ -12,6 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use fred::prelude::*;
 use serde::Serialize;
+use shared::health::{Dependency, Overall};
 use sqlx::PgPool;
 
 use crate::metrics::Metrics;
@@ -91,7 +92,7 @@ async fn live(State(state): State<HttpState>) -> (StatusCode, Json<serde_json::V
             StatusCode::OK
         },
         Json(serde_json::json!({
-            "status": if wedged { "wedged" } else { "ok" },
+            "status": if wedged { LiveState::Wedged } else { LiveState::Ok },
             "consumer_idle_s": idle.as_secs(),
         })),
     )
@@ -100,6 +101,29 @@ async fn live(State(state): State<HttpState>) -> (StatusCode, Json<serde_json::V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_health_json_is_spelled_as_before() {
+        let health = Health {
+            status: Overall::Degraded,
+            consumer: "syncd-1".to_owned(),
+            database: Dependency::Up,
+            redis: Dependency::Down,
+            max_token: MaxToken::Invalid,
+        };
+        assert_eq!(
+            serde_json::to_string(&health).unwrap(),
+            r#"{"status":"degraded","consumer":"syncd-1","database":"up","redis":"down","max_token":"invalid"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&[LiveState::Ok, LiveState::Wedged]).unwrap(),
+            r#"["ok","wedged"]"#
+        );
+        assert_eq!(
+            serde_json::to_string(&MaxToken::Valid).unwrap(),
+            r#""valid""#
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_loop_that_stops_going_round_is_reported_after_the_bound_and_not_before() {
@@ -127,12 +151,27 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 #[derive(Serialize)]
 struct Health {
     /// ok, or degraded when a dependency is down or MAX rejects the token
-    status: &'static str,
+    status: Overall,
     consumer: String,
-    database: &'static str,
-    redis: &'static str,
-    /// valid or invalid
-    max_token: &'static str,
+    database: Dependency,
+    redis: Dependency,
+    max_token: MaxToken,
+}
+
+/// Whether MAX last accepted the bot token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum MaxToken {
+    Valid,
+    Invalid,
+}
+
+/// The stream consumer's liveness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum LiveState {
+    Ok,
+    Wedged,
 }
 
 /// 200 while this replica can refresh counts; 503 (with the reason) while it cannot: Postgres
@@ -156,11 +195,15 @@ async fn health(State(state): State<HttpState>) -> (StatusCode, Json<Health>) {
             StatusCode::SERVICE_UNAVAILABLE
         },
         Json(Health {
-            status: if ok { "ok" } else { "degraded" },
+            status: if ok { Overall::Ok } else { Overall::Degraded },
             consumer: state.consumer.clone(),
-            database: if database_up { "up" } else { "down" },
-            redis: if redis_up { "up" } else { "down" },
-            max_token: if token_valid { "valid" } else { "invalid" },
+            database: Dependency::up_if(database_up),
+            redis: Dependency::up_if(redis_up),
+            max_token: if token_valid {
+                MaxToken::Valid
+            } else {
+                MaxToken::Invalid
+            },
         }),
     )
 }

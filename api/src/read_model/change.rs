@@ -15,6 +15,7 @@ use super::order::{self, Order, SlotSet};
 use super::postgres::LoadedRow;
 use super::postings::PostingsPlan;
 use super::query::SortColumn;
+use super::search::MatchSet;
 use super::{compare, record_text, text_field, Entry, Model};
 
 /// Rows changed in Postgres, loaded from one snapshot.
@@ -57,6 +58,8 @@ pub(super) struct Plan {
     ids: IdsPlan,
     n_live: usize,
     universities: Option<HashMap<i32, usize>>,
+    /// Each university's slots, when any chat joined, left or changed university.
+    university_slots: Option<HashMap<i32, MatchSet>>,
     /// New orders, by column index.
     orders: Vec<(usize, Order)>,
     postings: PostingsPlan,
@@ -82,6 +85,7 @@ pub(super) struct Replaced {
     _postings: Vec<Vec<u32>>,
     _ids: Option<HashMap<i32, u32>>,
     _universities: Option<HashMap<i32, usize>>,
+    _university_slots: Option<HashMap<i32, MatchSet>>,
 }
 
 impl Plan {
@@ -216,6 +220,9 @@ impl Model {
         let postings = self.index.plan(&document_changes);
         drop(document_changes);
         let universities = self.plan_universities(&changes);
+        let university_slots = universities
+            .as_ref()
+            .map(|_| self.plan_university_slots(&changes));
         let mut orders = Vec::new();
         let mut provisional = 0;
         for column in SortColumn::ALL.into_iter().filter(|c| !c.is_text()) {
@@ -244,11 +251,37 @@ impl Model {
             ids,
             n_live,
             universities,
+            university_slots,
             orders,
             postings,
             documents_changed,
             provisional,
         }
+    }
+
+    /// Each university's slots after the change: one pass over the rows, off the lock.
+    fn plan_university_slots(&self, changes: &Changes<'_>) -> HashMap<i32, MatchSet> {
+        let changed: HashMap<u32, Option<i32>> = changes
+            .existing()
+            .map(|(slot, _, after)| (slot, after.and_then(|after| after.university_id)))
+            .collect();
+        let mut slots: HashMap<i32, Vec<u32>> = HashMap::new();
+        for (slot, entry) in self.entries.live() {
+            let university = changed.get(&slot).copied().unwrap_or(entry.university_id);
+            if let Some(university) = university {
+                slots.entry(university).or_default().push(slot);
+            }
+        }
+        for (slot, entry) in changes.appended_slots().zip(changes.appended) {
+            if let Some(university) = entry.university_id {
+                slots.entry(university).or_default().push(slot);
+            }
+        }
+        let n_slots = changes.n_slots();
+        slots
+            .into_iter()
+            .map(|(university, slots)| (university, MatchSet::from_sorted(slots, n_slots)))
+            .collect()
     }
 
     fn plan_universities(&self, changes: &Changes<'_>) -> Option<HashMap<i32, usize>> {
@@ -414,6 +447,9 @@ impl Model {
         let universities = plan
             .universities
             .map(|counts| std::mem::replace(&mut self.universities, counts));
+        let university_slots = plan
+            .university_slots
+            .map(|slots| std::mem::replace(&mut self.university_slots, slots));
         let orders = plan
             .orders
             .into_iter()
@@ -429,6 +465,7 @@ impl Model {
             _postings: postings,
             _ids: ids,
             _universities: universities,
+            _university_slots: university_slots,
         }
     }
 

@@ -4,20 +4,20 @@
 use super::*;
 use crate::read_model::query::SortOrder;
 use crate::read_model::search::Lowercase;
-use crate::read_model::tests::{ids, model, query, row};
+use crate::read_model::tests::{ids, model, page_of, query, row};
 use crate::read_model::LoadBuffer;
 use crate::scope::Scope;
 
 fn by(model: &Model, column: SortColumn) -> Vec<i32> {
     let mut q = query(column, SortOrder::Asc, &[]);
     q.limit = 1000;
-    ids(&model.page(Scope::All, &q))
+    ids(&page_of(model, Scope::All, &q))
 }
 
 fn search(model: &Model, word: &str) -> Vec<i32> {
     let mut q = query(SortColumn::Id, SortOrder::Asc, &[word]);
     q.limit = 1000;
-    ids(&model.page(Scope::All, &q))
+    ids(&page_of(model, Scope::All, &q))
 }
 
 #[test]
@@ -109,11 +109,25 @@ fn counts_by_university_follow_moves_inserts_and_deletes() {
     expected.insert(1, 2);
     expected.insert(3, 1);
     assert_eq!(model.universities, expected);
-    let page = model.page(
+    let page = page_of(
+        &model,
         Scope::University(1),
         &query(SortColumn::Id, SortOrder::Asc, &[]),
     );
     assert_eq!((ids(&page), page.total), (vec![1, 2], 2));
+    // A curator's search compares only their university's chats: the moved and new ones too.
+    let searched = page_of(
+        &model,
+        Scope::University(1),
+        &query(SortColumn::Id, SortOrder::Asc, &["admin_panel"]),
+    );
+    assert_eq!((ids(&searched), searched.total), (vec![1, 2], 2));
+    let new_one = page_of(
+        &model,
+        Scope::University(3),
+        &query(SortColumn::Id, SortOrder::Asc, &["admin_panel"]),
+    );
+    assert_eq!(ids(&new_one), vec![9]);
 }
 
 #[test]

@@ -33,7 +33,8 @@ pub use change::{Applied, Delta, TextOrder};
 use order::Order;
 pub use postgres::ChatRecord;
 use postgres::{LoadedRow, RowVersion};
-use search::{Lowercase, MatchCache, MatchSet, TrigramIndex};
+pub use search::BudgetSpent;
+use search::{Lowercase, MatchCache, MatchSet, ScanBudget, TrigramIndex};
 use slots::Slots;
 
 use crate::scope::Scope;
@@ -122,9 +123,21 @@ impl ReadModel {
         guard.as_ref().map(f)
     }
 
-    /// A page of chats in `scope`; `None` before the first load.
-    pub fn page(&self, scope: Scope, query: &ListQuery) -> Option<Selection> {
-        self.read(|model| model.page(scope, query))
+    /// A page of chats in `scope`, comparing at most `scan_budget` bytes of documents with the
+    /// search words; `None` before the first load.
+    pub fn page(
+        &self,
+        scope: Scope,
+        query: &ListQuery,
+        scan_budget: usize,
+    ) -> Option<Result<Selection, BudgetSpent>> {
+        self.read(|model| model.page(scope, query, &ScanBudget::new(scan_budget)))
+    }
+
+    /// At most how many documents a search of `words` in `scope` compares (0 when every word's
+    /// matches are cached); `None` before the first load. Cheap: no document is read.
+    pub fn search_work(&self, scope: Scope, words: &[String]) -> Option<usize> {
+        self.read(|model| model.search_work(scope, words))
     }
 
     /// One chat if it exists and lies in `scope`; `None` inside when it does not, `None`
@@ -447,6 +460,9 @@ pub struct Model {
     n_live: usize,
     /// Chats per `university_id`, for the total of a scoped page without search.
     universities: HashMap<i32, usize>,
+    /// Each university's slots: a curator's search compares only these documents, and a
+    /// curator's page selects among them instead of walking the whole order.
+    university_slots: HashMap<i32, MatchSet>,
     orders: Vec<Order>,
     index: TrigramIndex,
     cache: MatchCache,
@@ -466,6 +482,7 @@ impl Model {
             by_id: HashMap::with_capacity(n),
             n_live: 0,
             universities: HashMap::new(),
+            university_slots: HashMap::new(),
             orders: SortColumn::ALL.iter().map(|_| Order::default()).collect(),
             index: TrigramIndex::default(),
             cache: MatchCache::default(),
@@ -515,6 +532,22 @@ impl Model {
             }
         }
         self.universities = counts;
+        self.index_universities();
+    }
+
+    /// Rebuilds each university's slot set (one pass; called wherever `universities` is).
+    fn index_universities(&mut self) {
+        let mut slots: HashMap<i32, Vec<u32>> = HashMap::new();
+        for (slot, entry) in self.entries.iter().enumerate() {
+            if let Some(university) = entry.as_ref().and_then(|entry| entry.university_id) {
+                slots.entry(university).or_default().push(slot as u32);
+            }
+        }
+        let n_slots = self.entries.len();
+        self.university_slots = slots
+            .into_iter()
+            .map(|(university, slots)| (university, MatchSet::from_sorted(slots, n_slots)))
+            .collect();
     }
 
     /// Sorts a column this model orders itself, from scratch.
@@ -536,94 +569,173 @@ impl Model {
         )
     }
 
-    /// The slots whose document contains `word`, from the cache when it is there.
-    fn matches(&self, word: &str) -> Arc<MatchSet> {
-        let lowered = self.lowercase.lower(word);
-        if let Some(found) = self.cache.get(&lowered) {
-            return found;
+    /// The universe a search in `scope` runs over: `None` for every chat, else the
+    /// university's slots (an empty set for a university with no chats).
+    fn universe(&self, scope: Scope) -> Option<std::borrow::Cow<'_, MatchSet>> {
+        match scope {
+            Scope::All => None,
+            Scope::University(university) => Some(match self.university_slots.get(&university) {
+                Some(slots) => std::borrow::Cow::Borrowed(slots),
+                None => std::borrow::Cow::Owned(MatchSet::Sparse(Vec::new())),
+            }),
+            Scope::Nothing => Some(std::borrow::Cow::Owned(MatchSet::Sparse(Vec::new()))),
+        }
+    }
+
+    /// The slots whose document contains the lowered `word`, among all chats: from the cache
+    /// when it is there, else computed and cached.
+    fn matches(&self, lowered: &str, budget: &ScanBudget) -> Result<Arc<MatchSet>, BudgetSpent> {
+        if let Some(found) = self.cache.get(lowered) {
+            return Ok(found);
         }
         let found = Arc::new(search::matching(
             &self.index,
-            &lowered,
+            lowered,
             |slot| self.entry(slot).map(Entry::document),
+            None,
             self.live_slots(),
             self.entries.len(),
-        ));
-        self.cache.put(lowered, found.clone());
-        found
+            budget,
+        )?);
+        self.cache.put(lowered.to_owned(), found.clone());
+        Ok(found)
     }
 
-    /// The slots matching every word, the rarest word's matches intersected with the others.
-    fn matches_all(&self, words: &[String]) -> Arc<MatchSet> {
-        if let [word] = words {
-            return self.matches(word);
+    /// The search words, lowered and deduplicated, with what is known of each: its cached
+    /// matches, or at most how many documents it must compare (its candidates, else a scan).
+    fn plan_words(&self, words: &[String]) -> Vec<(String, Result<Arc<MatchSet>, usize>)> {
+        let mut lowered: Vec<String> = words
+            .iter()
+            .map(|word| self.lowercase.lower(word))
+            .collect();
+        lowered.sort();
+        lowered.dedup();
+        let mut plan: Vec<(String, Result<Arc<MatchSet>, usize>)> = lowered
+            .into_iter()
+            .map(|word| {
+                let known = self.cache.get(&word).ok_or_else(|| {
+                    self.index
+                        .candidate_bound(word.as_bytes())
+                        .unwrap_or(self.n_live)
+                });
+                (word, known)
+            })
+            .collect();
+        // Cached words first (free, and they narrow the rest), then the cheapest to compute.
+        plan.sort_by_key(|(_, known)| match known {
+            Ok(set) => (0, set.len()),
+            Err(bound) => (1, *bound),
+        });
+        plan
+    }
+
+    /// At most how many documents `page` compares for `words` in `scope`: each uncomputed
+    /// word compares no more than its candidates, nor more than the matches so far.
+    fn search_work(&self, scope: Scope, words: &[String]) -> usize {
+        if words.is_empty() {
+            return 0;
         }
-        let mut sets: Vec<Arc<MatchSet>> = words.iter().map(|word| self.matches(word)).collect();
-        sets.sort_by_key(|set| set.len());
-        let mut all = sets[0].as_ref().clone();
-        for set in &sets[1..] {
-            if all.is_empty() {
+        let mut bound = self
+            .universe(scope)
+            .map_or(self.n_live, |universe| universe.len());
+        let mut work = 0usize;
+        for (_, known) in self.plan_words(words) {
+            match known {
+                Ok(set) => bound = bound.min(set.len()),
+                Err(candidates) => {
+                    work = work.saturating_add(candidates.min(bound));
+                    bound = bound.min(candidates);
+                }
+            }
+        }
+        work
+    }
+
+    /// The slots in `scope` matching every word. The cheapest word goes first and each next one
+    /// compares only the matches so far; only a word computed over every chat is cached (a
+    /// curator's search compares only their university's documents and caches nothing).
+    fn matches_all(
+        &self,
+        scope: Scope,
+        words: &[String],
+        budget: &ScanBudget,
+    ) -> Result<MatchSet, BudgetSpent> {
+        let n_slots = self.entries.len();
+        let universe = self.universe(scope);
+        let mut current: Option<MatchSet> = universe.as_deref().cloned();
+        for (word, known) in self.plan_words(words) {
+            if current.as_ref().is_some_and(MatchSet::is_empty) {
                 break;
             }
-            all = all.intersect(set, self.entries.len());
+            let next = match (known, &current) {
+                (Ok(set), None) => set.as_ref().clone(),
+                (Ok(set), Some(so_far)) => so_far.intersect(&set, n_slots),
+                // Narrowing saves little against a set this large; the whole word is cached.
+                (Err(_), None) => self.matches(&word, budget)?.as_ref().clone(),
+                (Err(_), Some(so_far)) if universe.is_none() && so_far.len() * 8 > self.n_live => {
+                    so_far.intersect(self.matches(&word, budget)?.as_ref(), n_slots)
+                }
+                (Err(_), Some(so_far)) => search::matching(
+                    &self.index,
+                    &word,
+                    |slot| self.entry(slot).map(Entry::document),
+                    Some(so_far),
+                    std::iter::empty(),
+                    n_slots,
+                    budget,
+                )?,
+            };
+            current = Some(next);
         }
-        Arc::new(all)
+        Ok(current.unwrap_or_else(|| MatchSet::Sparse(Vec::new())))
     }
 
-    fn page(&self, scope: Scope, query: &ListQuery) -> Selection {
+    fn page(
+        &self,
+        scope: Scope,
+        query: &ListQuery,
+        budget: &ScanBudget,
+    ) -> Result<Selection, BudgetSpent> {
         if scope == Scope::Nothing {
-            return Selection {
+            return Ok(Selection {
                 chats: Vec::new(),
                 total: 0,
-            };
+            });
         }
         let order = &self.orders[query.sort.index()];
         let descending = query.order == SortOrder::Desc;
         let offset = usize::try_from(query.offset).unwrap_or(usize::MAX);
         let limit = usize::try_from(query.limit).unwrap_or(0);
-        let admitted = |slot: u32| {
-            self.entry(slot)
-                .is_some_and(|entry| scope.admits(entry.university_id))
-        };
         let (slots, total): (Vec<u32>, usize) = if query.words.is_empty() {
-            let total = match scope {
-                Scope::University(university) => {
-                    self.universities.get(&university).copied().unwrap_or(0)
-                }
-                _ => self.n_live,
-            };
-            let slots = if scope == Scope::All {
-                walk(order, descending).skip(offset).take(limit).collect()
-            } else {
-                walk(order, descending)
-                    .filter(|slot| admitted(*slot))
-                    .skip(offset)
-                    .take(limit)
-                    .collect()
-            };
-            (slots, total)
-        } else {
-            let mut matched = self.matches_all(&query.words);
-            if scope != Scope::All {
-                matched = Arc::new(matched.filter(admitted, self.entries.len()));
+            match self.universe(scope) {
+                None => (
+                    walk(order, descending).skip(offset).take(limit).collect(),
+                    self.n_live,
+                ),
+                Some(university) => (
+                    self.select(order, &university, descending, offset, limit),
+                    university.len(),
+                ),
             }
-            let total = matched.len();
+        } else {
+            let matched = self.matches_all(scope, &query.words, budget)?;
             (
                 self.select(order, &matched, descending, offset, limit),
-                total,
+                matched.len(),
             )
         };
-        Selection {
+        Ok(Selection {
             chats: slots
                 .into_iter()
                 .filter_map(|slot| self.entry(slot).map(Entry::record))
                 .collect(),
             total,
-        }
+        })
     }
 
-    /// Rows `offset..offset + limit` of `matched` in `order`: a dense set by walking the order
-    /// (it meets a match every few steps), a sparse one by selecting on its positions.
+    /// Rows `offset..offset + limit` of `matched` in `order`: a dense set near the start by
+    /// walking the order (it meets a match every few steps), any other by selecting on its
+    /// positions, so that a deep page costs the set's size, never the whole order.
     fn select(
         &self,
         order: &Order,
@@ -636,17 +748,22 @@ impl Model {
         if offset >= end {
             return Vec::new();
         }
-        let sparse = match matched {
-            MatchSet::Dense { .. } => {
+        let listed;
+        let slots: &[u32] = match matched {
+            MatchSet::Dense { .. } if end <= WALKED_ROWS => {
                 return walk(order, descending)
                     .filter(|slot| matched.contains(*slot))
                     .skip(offset)
                     .take(end - offset)
                     .collect();
             }
+            MatchSet::Dense { .. } => {
+                listed = matched.slots();
+                &listed
+            }
             MatchSet::Sparse(slots) => slots,
         };
-        let mut keyed: Vec<(u32, u32)> = sparse
+        let mut keyed: Vec<(u32, u32)> = slots
             .iter()
             .map(|slot| {
                 let at = order.position[*slot as usize];
@@ -657,10 +774,17 @@ impl Model {
             keyed.select_nth_unstable(end - 1);
             keyed.truncate(end);
         }
-        keyed.sort_unstable();
-        keyed[offset..end].iter().map(|(_, slot)| *slot).collect()
+        if offset > 0 {
+            keyed.select_nth_unstable(offset);
+        }
+        let page = &mut keyed[offset..end];
+        page.sort_unstable();
+        page.iter().map(|(_, slot)| *slot).collect()
     }
 }
+
+/// Rows a dense set's page may reach and still be walked to in the order rather than selected.
+const WALKED_ROWS: usize = 1000;
 
 /// An order's slots, forwards or backwards.
 fn walk(order: &Order, descending: bool) -> Box<dyn Iterator<Item = u32> + '_> {
@@ -717,6 +841,12 @@ mod tests {
         }
     }
 
+    pub(super) fn page_of(model: &Model, scope: Scope, query: &ListQuery) -> Selection {
+        model
+            .page(scope, query, &ScanBudget::new(usize::MAX))
+            .expect("an unbounded search answers")
+    }
+
     pub(super) fn ids(selection: &Selection) -> Vec<i32> {
         selection.chats.iter().map(|chat| chat.id).collect()
     }
@@ -749,12 +879,14 @@ mod tests {
     #[test]
     fn numbers_sort_with_nulls_last_and_ids_breaking_ties() {
         let model = model();
-        let asc = model.page(
+        let asc = page_of(
+            &model,
             Scope::All,
             &query(SortColumn::ParticipantsCount, SortOrder::Asc, &[]),
         );
         assert_eq!(ids(&asc), vec![4, 1, 3, 2]);
-        let desc = model.page(
+        let desc = page_of(
+            &model,
             Scope::All,
             &query(SortColumn::ParticipantsCount, SortOrder::Desc, &[]),
         );
@@ -765,9 +897,14 @@ mod tests {
     #[test]
     fn text_sorts_follow_the_order_postgres_gave() {
         let model = model();
-        let page = model.page(Scope::All, &query(SortColumn::Name, SortOrder::Asc, &[]));
+        let page = page_of(
+            &model,
+            Scope::All,
+            &query(SortColumn::Name, SortOrder::Asc, &[]),
+        );
         assert_eq!(ids(&page), vec![2, 4, 1, 3]);
-        let scoped = model.page(
+        let scoped = page_of(
+            &model,
             Scope::University(1),
             &query(SortColumn::Name, SortOrder::Desc, &[]),
         );
@@ -782,24 +919,31 @@ mod tests {
             deleted: vec![3],
             text_orders: vec![(SortColumn::Name, TextOrder::Whole(vec![2, 4, 1, 5]))],
         });
-        let by_count = model.page(
+        let by_count = page_of(
+            &model,
             Scope::All,
             &query(SortColumn::ParticipantsCount, SortOrder::Asc, &[]),
         );
         assert_eq!(ids(&by_count), vec![1, 4, 5, 2]);
-        let by_name = model.page(
+        let by_name = page_of(
+            &model,
             Scope::University(1),
             &query(SortColumn::Name, SortOrder::Asc, &[]),
         );
         assert_eq!((ids(&by_name), by_name.total), (vec![1, 5], 2));
-        let by_url = model.page(Scope::All, &query(SortColumn::Url, SortOrder::Asc, &[]));
+        let by_url = page_of(
+            &model,
+            Scope::All,
+            &query(SortColumn::Url, SortOrder::Asc, &[]),
+        );
         assert_eq!(ids(&by_url), vec![1, 2, 4, 5]);
     }
 
     #[test]
     fn an_update_re_places_only_the_columns_it_moves() {
         let mut model = model();
-        let before = model.page(
+        let before = page_of(
+            &model,
             Scope::All,
             &query(SortColumn::CreatedAt, SortOrder::Asc, &[]),
         );
@@ -810,17 +954,20 @@ mod tests {
             rows: vec![changed],
             ..Delta::default()
         });
-        let by_count = model.page(
+        let by_count = page_of(
+            &model,
             Scope::All,
             &query(SortColumn::ParticipantsCount, SortOrder::Asc, &[]),
         );
         assert_eq!(ids(&by_count), vec![4, 1, 3, 2]);
-        let by_created = model.page(
+        let by_created = page_of(
+            &model,
             Scope::All,
             &query(SortColumn::CreatedAt, SortOrder::Asc, &[]),
         );
         assert_eq!(ids(&by_created), ids(&before));
-        let moved = model.page(
+        let moved = page_of(
+            &model,
             Scope::University(2),
             &query(SortColumn::Id, SortOrder::Asc, &[]),
         );
@@ -831,11 +978,41 @@ mod tests {
             rows: vec![to_nowhere],
             ..Delta::default()
         });
-        let gone = model.page(
+        let gone = page_of(
+            &model,
             Scope::University(2),
             &query(SortColumn::Id, SortOrder::Asc, &[]),
         );
         assert_eq!((ids(&gone), gone.total), (vec![], 0));
+    }
+
+    #[test]
+    fn a_curators_pages_and_searches_hold_only_their_university_at_any_depth() {
+        let model = model();
+        let mut deep = query(SortColumn::Name, SortOrder::Asc, &[]);
+        deep.offset = 1;
+        let scoped = page_of(&model, Scope::University(1), &deep);
+        assert_eq!((ids(&scoped), scoped.total), (vec![3], 2));
+        let searched = page_of(
+            &model,
+            Scope::University(1),
+            &query(SortColumn::Id, SortOrder::Desc, &["admin_panel", "-"]),
+        );
+        assert_eq!((ids(&searched), searched.total), (vec![3, 1], 2));
+        assert_eq!(
+            model.search_work(Scope::University(1), &["zz".to_owned()]),
+            2,
+            "a curator's scan compares only their university's chats"
+        );
+        assert_eq!(model.search_work(Scope::All, &["zz".to_owned()]), 4);
+        let tight = ScanBudget::new(4);
+        assert!(model
+            .page(
+                Scope::All,
+                &query(SortColumn::Id, SortOrder::Asc, &["zz"]),
+                &tight
+            )
+            .is_err());
     }
 
     #[test]
@@ -844,9 +1021,10 @@ mod tests {
         let mut q = query(SortColumn::Name, SortOrder::Asc, &["admin_panel"]);
         q.limit = 2;
         q.offset = 1;
-        let page = model.page(Scope::All, &q);
+        let page = page_of(&model, Scope::All, &q);
         assert_eq!((ids(&page), page.total), (vec![4, 1], 4));
-        let two_words = model.page(
+        let two_words = page_of(
+            &model,
             Scope::All,
             &query(SortColumn::Id, SortOrder::Desc, &["a", "-4"]),
         );

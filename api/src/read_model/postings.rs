@@ -122,9 +122,12 @@ mod tests {
             &index,
             "abc",
             |s| documents.get(s as usize).copied(),
+            None,
             0..3,
             3,
-        );
+            &super::super::search::ScanBudget::new(usize::MAX),
+        )
+        .unwrap();
         assert_eq!(found.slots(), vec![1, 2]);
     }
 

@@ -6,6 +6,7 @@
 //! with the database's own character map (`Lowercase`), so a word matches here exactly when
 //! `document ilike '%word%'` (with `%`, `_` and `\` escaped) is true there.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -112,6 +113,19 @@ impl TrigramIndex {
             self.postings.values().map(Vec::len).sum(),
             self.postings.len(),
         )
+    }
+
+    /// At most how many documents a lowered word's candidates hold (the shortest posting list of
+    /// its selective trigrams); `None` when no trigram of it is indexed and it must be scanned.
+    pub fn candidate_bound(&self, word: &[u8]) -> Option<usize> {
+        if word.len() < 3 {
+            return None;
+        }
+        trigrams(word)
+            .into_iter()
+            .filter(|gram| !self.common.contains(gram))
+            .map(|gram| self.postings.get(&gram).map_or(0, Vec::len))
+            .min()
     }
 
     /// The candidate slots of a lowered word: `None` when no trigram of it is indexed (the
@@ -321,38 +335,77 @@ impl MatchCache {
     }
 }
 
-/// The slots (of `n_slots`) whose document contains the lowered `word`. Matches are gathered
-/// in a bitmap (n / 8 bytes), never in a list as long as the table: many requests may compute
-/// a new common word at once.
+/// Bytes of documents one request may still compare with its search words: the cap on the
+/// work one search does, whatever its words.
+#[derive(Debug)]
+pub struct ScanBudget {
+    left: Cell<usize>,
+}
+
+/// A search needed more than its `ScanBudget`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetSpent;
+
+impl ScanBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            left: Cell::new(bytes),
+        }
+    }
+
+    fn spend(&self, bytes: usize) -> Result<(), BudgetSpent> {
+        let left = self.left.get().checked_sub(bytes).ok_or(BudgetSpent)?;
+        self.left.set(left);
+        Ok(())
+    }
+}
+
+/// The slots (of `n_slots`) whose document contains the lowered `word`: among `within` when
+/// given (a university's chats, or the matches of the other words so far), else among
+/// `all_slots`. Matches are gathered in a bitmap (n / 8 bytes), never in a list as long as the
+/// table: many requests may compute a new common word at once. Every document compared is
+/// paid for from `budget`.
 pub fn matching<'a>(
     index: &TrigramIndex,
     word: &str,
     document: impl Fn(u32) -> Option<&'a str>,
+    within: Option<&MatchSet>,
     all_slots: impl Iterator<Item = u32>,
     n_slots: usize,
-) -> MatchSet {
+    budget: &ScanBudget,
+) -> Result<MatchSet, BudgetSpent> {
     let finder = memmem::Finder::new(word.as_bytes());
-    let contains =
-        |slot: u32| document(slot).is_some_and(|text| finder.find(text.as_bytes()).is_some());
+    let contains = |slot: u32| -> Result<bool, BudgetSpent> {
+        let Some(text) = document(slot) else {
+            return Ok(false);
+        };
+        budget.spend(text.len())?;
+        Ok(finder.find(text.as_bytes()).is_some())
+    };
     let mut bits = vec![0u64; n_slots.div_ceil(64)];
     let mut len = 0;
-    let mut mark = |slot: u32| {
-        bits[slot as usize / 64] |= 1 << (slot % 64);
-        len += 1;
+    let mut visit = |slot: u32| -> Result<(), BudgetSpent> {
+        if contains(slot)? {
+            bits[slot as usize / 64] |= 1 << (slot % 64);
+            len += 1;
+        }
+        Ok(())
     };
-    match index.candidates(word.as_bytes()) {
-        Some(candidates) => candidates
+    match (index.candidates(word.as_bytes()), within) {
+        (Some(candidates), None) => candidates.into_iter().try_for_each(&mut visit)?,
+        (Some(candidates), Some(within)) => candidates
             .into_iter()
-            .filter(|s| contains(*s))
-            .for_each(&mut mark),
-        None => all_slots.filter(|s| contains(*s)).for_each(&mut mark),
+            .filter(|slot| within.contains(*slot))
+            .try_for_each(&mut visit)?,
+        (None, Some(within)) => within.slots().into_iter().try_for_each(&mut visit)?,
+        (None, None) => all_slots.into_iter().try_for_each(&mut visit)?,
     }
     let dense = MatchSet::Dense { bits, len };
-    if len.saturating_mul(DENSE_SHARE) < n_slots {
+    Ok(if len.saturating_mul(DENSE_SHARE) < n_slots {
         MatchSet::Sparse(dense.slots())
     } else {
         dense
-    }
+    })
 }
 
 #[cfg(test)]
@@ -378,9 +431,12 @@ mod tests {
             &index,
             word,
             |slot| documents.get(slot as usize).copied(),
+            None,
             0..documents.len() as u32,
             documents.len(),
+            &ScanBudget::new(usize::MAX),
         )
+        .unwrap()
         .slots()
     }
 
@@ -394,6 +450,32 @@ mod tests {
         assert_eq!(search("_panel"), vec![0, 3]);
         assert_eq!(search("химия"), Vec::<u32>::new());
         assert_eq!(search("a"), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_search_within_a_set_compares_only_its_documents_and_stops_at_its_budget() {
+        let documents = docs();
+        let index = TrigramIndex::build(
+            documents.iter().enumerate().map(|(i, d)| (i as u32, *d)),
+            documents.len(),
+        );
+        let document = |slot: u32| documents.get(slot as usize).copied();
+        let within = MatchSet::Sparse(vec![1, 2]);
+        let budget = ScanBudget::new(documents[1].len() + documents[2].len());
+        let found = matching(&index, "a", document, Some(&within), 0..4, 4, &budget).unwrap();
+        assert_eq!(found.slots(), vec![1, 2]);
+        assert_eq!(
+            matching(&index, "a", document, Some(&within), 0..4, 4, &budget),
+            Err(BudgetSpent),
+            "the budget is spent"
+        );
+        let all = ScanBudget::new(documents[0].len() * 2);
+        assert_eq!(
+            matching(&index, "a", document, None, 0..4, 4, &all),
+            Err(BudgetSpent)
+        );
+        assert_eq!(index.candidate_bound("груп".as_bytes()), Some(3));
+        assert_eq!(index.candidate_bound(b"zz"), None);
     }
 
     #[test]

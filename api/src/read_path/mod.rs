@@ -10,16 +10,18 @@ use shared::refresh::Priority;
 
 pub mod counts;
 pub mod query;
+pub mod search_gate;
 pub mod view;
 
 use counts::{enrich, Freshness};
-use query::ListQuery;
+use query::{CountSource, ListQuery};
+use search_gate::SearchGate;
 use view::{ChatPage, ChatView};
 
 use crate::cache::Cache;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::read_model::{ChatRecord, ReadModel};
+use crate::read_model::{ChatRecord, ReadModel, Selection};
 use crate::scope::Scope;
 
 /// What a read answers, and how old the read model behind it is.
@@ -42,6 +44,8 @@ pub struct ReadPath {
     /// How long a read before the first load waits for it (a little less than the request
     /// timeout, so that the answer is `loading`, not `timeout`).
     pub load_wait: Duration,
+    /// The bounds on a search's work.
+    pub searches: SearchGate,
 }
 
 impl ReadPath {
@@ -59,17 +63,19 @@ impl ReadPath {
         self.model.age().ok_or(ApiError::Loading)
     }
 
-    /// A page of chats in `scope`.
+    /// A page of chats in `scope`, for `caller` (the token's `sub`).
     pub async fn list(
         &self,
         scope: Scope,
+        caller: &str,
         query: &ListQuery,
+        counts: CountSource,
     ) -> Result<Served<ChatPage>, ApiError> {
         self.loaded().await?;
-        let selection = self.model.page(scope, query).ok_or(ApiError::Loading)?;
+        let selection = self.select(scope, caller, query).await?;
         let model_age = self.model_age()?;
         let total = i64::try_from(selection.total).unwrap_or(i64::MAX);
-        let data = self.present(selection.chats).await;
+        let data = self.present(selection.chats, counts).await;
         Ok(Served {
             body: ChatPage {
                 data,
@@ -79,6 +85,45 @@ impl ReadPath {
                 total_pages: query.total_pages(total),
             },
             model_age,
+        })
+    }
+
+    /// The page from the model, within the search bounds: a costly search is admitted by the
+    /// caller's rate, waits for a place among the costly searches, and runs off the async
+    /// workers; any search past its scan budget is refused.
+    async fn select(
+        &self,
+        scope: Scope,
+        caller: &str,
+        query: &ListQuery,
+    ) -> Result<Selection, ApiError> {
+        let work = self
+            .model
+            .search_work(scope, &query.words)
+            .ok_or(ApiError::Loading)?;
+        let budget = self.searches.scan_budget;
+        let costly = &self.metrics.costly_searches;
+        let selection = if SearchGate::is_costly(work) {
+            if let Err(wait) = self.searches.admit(caller) {
+                costly.with_label_values(&["rate_limited"]).inc();
+                return Err(ApiError::TooManySearches(wait));
+            }
+            let _slot = self.searches.slot().await;
+            let model = self.model.clone();
+            let query = query.clone();
+            let selection = tokio::task::spawn_blocking(move || model.page(scope, &query, budget))
+                .await
+                .map_err(|e| ApiError::Internal(e.into()))?;
+            if selection.as_ref().is_some_and(Result::is_ok) {
+                costly.with_label_values(&["served"]).inc();
+            }
+            selection
+        } else {
+            self.model.page(scope, query, budget)
+        };
+        selection.ok_or(ApiError::Loading)?.map_err(|_| {
+            costly.with_label_values(&["over_budget"]).inc();
+            ApiError::SearchTooBroad(budget)
         })
     }
 
@@ -92,10 +137,15 @@ impl ReadPath {
     }
 
     /// One chat in the shape of the list.
-    pub async fn get(&self, scope: Scope, id: i32) -> Result<Served<ChatView>, ApiError> {
+    pub async fn get(
+        &self,
+        scope: Scope,
+        id: i32,
+        counts: CountSource,
+    ) -> Result<Served<ChatView>, ApiError> {
         let record = self.find(scope, id).await?;
         let model_age = self.model_age()?;
-        let mut chats = self.present(vec![record]).await;
+        let mut chats = self.present(vec![record], counts).await;
         Ok(Served {
             body: chats.remove(0),
             model_age,
@@ -103,9 +153,11 @@ impl ReadPath {
     }
 
     /// Turns records into the response shape: counts from Redis when it has them (one round
-    /// trip), from the model otherwise, and stale ones enqueued in the background.
-    async fn present(&self, records: Vec<ChatRecord>) -> Vec<ChatView> {
-        let use_redis = self.integration_enabled && self.cache.is_enabled();
+    /// trip), from the model otherwise, and stale ones enqueued in the background. With
+    /// `CountSource::Stored` Redis is not asked and nothing is enqueued.
+    async fn present(&self, records: Vec<ChatRecord>, counts: CountSource) -> Vec<ChatView> {
+        let use_redis =
+            counts == CountSource::Cached && self.integration_enabled && self.cache.is_enabled();
         let cached = if use_redis && !records.is_empty() {
             let ids: Vec<i32> = records.iter().map(|record| record.id).collect();
             match self.cache.read_counts(&ids).await {

@@ -29,6 +29,47 @@ pub struct ListParams {
     pub sort_order: Option<String>,
     /// Words that must all occur, case-insensitively, in name, department, max_chat_id or source
     pub search: Option<String>,
+    /// false: serve the counts stored in Postgres (`participants_source: database`) and
+    /// enqueue no refresh; absent or true: the cached counts, refreshed when stale
+    #[param(value_type = Option<bool>)]
+    pub use_cached_participants: Option<String>,
+}
+
+/// Query of `GET /chats/{id}`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ChatParams {
+    /// false: serve the count stored in Postgres (`participants_source: database`) and
+    /// enqueue no refresh; absent or true: the cached count, refreshed when stale
+    #[param(value_type = Option<bool>)]
+    pub use_cached_participants: Option<String>,
+}
+
+/// Where a read takes its participant counts from: the seed's `use_cached_participants` flag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CountSource {
+    /// Redis' count when it has a fresh one, else the stored one; stale counts are enqueued.
+    #[default]
+    Cached,
+    /// The count stored in Postgres (as the read model holds it); nothing is enqueued.
+    Stored,
+}
+
+impl CountSource {
+    /// Parses `use_cached_participants`: absent or empty is `Cached`; true/false, 1/0,
+    /// yes/no or on/off otherwise; anything else is 400.
+    pub fn parse(value: Option<&str>) -> Result<Self, ApiError> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(Self::Cached),
+            Some(text) => match shared::config::parse_bool(text) {
+                Ok(true) => Ok(Self::Cached),
+                Ok(false) => Ok(Self::Stored),
+                Err(_) => Err(ApiError::BadRequest(
+                    "use_cached_participants must be true or false".to_owned(),
+                )),
+            },
+        }
+    }
 }
 
 fn parse_number(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
@@ -192,6 +233,20 @@ mod tests {
         })
         .unwrap();
         assert_eq!(query.words, vec!["Math", "2024"]);
+    }
+
+    #[test]
+    fn use_cached_participants_defaults_to_the_cache() {
+        for (given, expected) in [
+            (None, CountSource::Cached),
+            (Some(""), CountSource::Cached),
+            (Some("true"), CountSource::Cached),
+            (Some("FALSE"), CountSource::Stored),
+            (Some("0"), CountSource::Stored),
+        ] {
+            assert_eq!(CountSource::parse(given).unwrap(), expected, "{given:?}");
+        }
+        assert!(CountSource::parse(Some("maybe")).is_err());
     }
 
     #[test]

@@ -7,14 +7,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
-use crate::read_path::query::{ListParams, ListQuery};
+use crate::read_path::query::{ChatParams, CountSource, ListParams, ListQuery};
 use crate::read_path::view::{ChatPage, ChatView};
 use crate::read_path::Served;
+use crate::refresh_wait::{refresh_and_wait, Waited};
 use crate::state::AppState;
 
 /// Seconds since the api's in-memory chats were last known to match Postgres: near 0 normally,
@@ -39,9 +39,12 @@ fn with_model_age<T: Serialize>(served: Served<T>) -> Response {
     responses(
         (status = 200, description = "A page of chats", body = ChatPage,
             headers(("x-read-model-age" = i64, description = "Seconds since the chats were last known to match Postgres"))),
-        (status = 400, description = "limit or offset is not an integer", body = ErrorBody),
+        (status = 400, description = "limit or offset is not an integer, or use_cached_participants not a boolean", body = ErrorBody),
         (status = 401, description = "Missing, malformed, expired or wrongly signed token", body = ErrorBody),
         (status = 403, description = "Unknown role", body = ErrorBody),
+        (status = 422, description = "search_too_broad: the search would compare more than API_SEARCH_SCAN_BUDGET_MB of chats (many short words matching nearly every chat); use fewer or longer words", body = ErrorBody),
+        (status = 429, description = "This caller ran more than API_COSTLY_SEARCHES_PER_USER_PER_MINUTE costly searches (ones that may compare more than 20,000 chats: words of 1-2 characters, or of only common trigrams, not searched recently); Retry-After says when to ask again", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the caller may run a costly search again"))),
         (status = 503, description = "The chats could not load since start-up within the request timeout (Postgres does not answer; a read during a load waits for it); retry after the Retry-After header", body = ErrorBody),
     )
 )]
@@ -52,7 +55,11 @@ pub async fn list_chats(
 ) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let query = ListQuery::parse(&params)?;
-    let page = state.reads.list(principal.scope, &query).await?;
+    let counts = CountSource::parse(params.use_cached_participants.as_deref())?;
+    let page = state
+        .reads
+        .list(principal.scope, &principal.user_id, &query, counts)
+        .await?;
     Ok(with_model_age(page))
 }
 
@@ -68,12 +75,12 @@ fn parse_chat_id(text: &str) -> Result<Option<i32>, ApiError> {
 /// One chat, in the same shape as in the list.
 #[utoipa::path(
     get, path = "/chats/{id}", tag = "chats",
-    params(("id" = i64, Path, description = "chats.id (not the MAX chat id)")),
+    params(("id" = i64, Path, description = "chats.id (not the MAX chat id)"), ChatParams),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The chat", body = ChatView,
             headers(("x-read-model-age" = i64, description = "Seconds since the chats were last known to match Postgres"))),
-        (status = 400, description = "The id is not an integer", body = ErrorBody),
+        (status = 400, description = "The id is not an integer, or use_cached_participants not a boolean", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Unknown role", body = ErrorBody),
         (status = 404, description = "No such chat in the caller's scope", body = ErrorBody),
@@ -84,9 +91,12 @@ pub async fn get_chat(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
+    query: Result<Query<ChatParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_chat_id(&id)?.ok_or(ApiError::NotFound("chat"))?;
-    let chat = state.reads.get(principal.scope, id).await?;
+    let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let counts = CountSource::parse(params.use_cached_participants.as_deref())?;
+    let chat = state.reads.get(principal.scope, id, counts).await?;
     Ok(with_model_age(chat))
 }
 
@@ -158,98 +168,31 @@ pub async fn refresh_participants(
 ) -> Result<Response, ApiError> {
     let id = parse_chat_id(&id)?.ok_or(ApiError::NotFound("chat"))?;
     let chat = state.reads.find(principal.scope, id).await?;
-    if !state.settings.integration_enabled {
-        return Err(ApiError::RefreshUnavailable(
-            "the participants integration is disabled",
-        ));
-    }
-    if !state.cache.is_enabled() {
-        return Err(ApiError::RefreshUnavailable("redis is disabled"));
-    }
-    state
-        .refresh_gate
-        .admit(&principal.user_id)
-        .map_err(ApiError::TooManyRequests)?;
-    // Any outcome published from now on is at most as old as this request: it comes from a
-    // MAX call made either for this request or for one already in flight for the same chat.
-    let mut outcomes = state.waiters.subscribe();
-    let replicated = state
-        .cache
-        .enqueue_manual(
-            chat.id,
-            state.settings.refresh_wait,
-            state.settings.redis_wait_replicas,
-            shared::telemetry::current_traceparent().as_deref(),
-        )
-        .await
-        .map_err(|_| ApiError::RefreshUnavailable("redis is unavailable"))?;
-    if !replicated {
-        // The request is in the stream but could vanish in a failover: do not acknowledge it.
-        return Err(ApiError::RefreshUnavailable(
-            "redis could not replicate the request; retry",
-        ));
-    }
-    let wait = async {
-        loop {
-            match outcomes.recv().await {
-                Ok(outcome) if outcome.chat_id == chat.id => {
-                    if let Some(count) = outcome.participants_count {
-                        return Some(RefreshDone::Updated(RefreshUpdated {
-                            status: "updated",
-                            chat_id: chat.id,
-                            participants_count: count,
-                            updated_at: outcome.updated_at,
-                            source: "api",
-                        }));
-                    }
-                    if let Some(reason) = outcome.error {
-                        return Some(RefreshDone::Unavailable(RefreshUnavailable {
-                            status: "unavailable",
-                            chat_id: chat.id,
-                            reason,
-                            checked_at: outcome.updated_at,
-                        }));
-                    }
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+    let done = match refresh_and_wait(&state, chat.id, &principal.user_id).await? {
+        Waited::Updated { count, at } => RefreshDone::Updated(RefreshUpdated {
+            status: "updated",
+            chat_id: chat.id,
+            participants_count: count,
+            updated_at: at,
+            source: "api",
+        }),
+        Waited::Unavailable { reason, checked_at } => {
+            RefreshDone::Unavailable(RefreshUnavailable {
+                status: "unavailable",
+                chat_id: chat.id,
+                reason,
+                checked_at,
+            })
         }
-    };
-    let metrics = &state.metrics.refresh_waits;
-    // The request is in the stream either way; only a place among the waiters is capped.
-    let Some(_waiting) = state.refresh_gate.try_wait() else {
-        metrics.with_label_values(&["busy"]).inc();
-        return Ok((
-            StatusCode::ACCEPTED,
-            Json(RefreshQueued {
+        Waited::Queued => {
+            let queued = RefreshQueued {
                 status: "queued",
                 chat_id: chat.id,
-            }),
-        )
-            .into_response());
-    };
-    match tokio::time::timeout(state.settings.refresh_wait, wait).await {
-        Ok(Some(done)) => {
-            let outcome = match &done {
-                RefreshDone::Updated(_) => "updated",
-                RefreshDone::Unavailable(_) => "unavailable",
             };
-            metrics.with_label_values(&[outcome]).inc();
-            Ok(Json(done).into_response())
+            return Ok((StatusCode::ACCEPTED, Json(queued)).into_response());
         }
-        _ => {
-            metrics.with_label_values(&["queued"]).inc();
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(RefreshQueued {
-                    status: "queued",
-                    chat_id: chat.id,
-                }),
-            )
-                .into_response())
-        }
-    }
+    };
+    Ok(Json(done).into_response())
 }
 
 #[cfg(test)]

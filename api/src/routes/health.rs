@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
+use shared::health::{Dependency, Overall};
 use shared::keys::status;
 use utoipa::ToSchema;
 
@@ -21,26 +22,31 @@ const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Liveness {
     /// Always `ok`
-    pub status: &'static str,
+    #[schema(value_type = String)]
+    pub status: Overall,
 }
 
 /// The process is up. Touches no dependency.
 #[utoipa::path(get, path = "/health", tag = "health",
     responses((status = 200, description = "The process is alive", body = Liveness)))]
 pub async fn health() -> Json<Liveness> {
-    Json(Liveness { status: "ok" })
+    Json(Liveness {
+        status: Overall::Ok,
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DependencyStatus {
     /// up, down, or disabled
-    pub status: &'static str,
+    #[schema(value_type = String)]
+    pub status: Dependency,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SyncdStatus {
     /// up (a replica beat in the last minute), down, or unknown (Redis cannot tell)
-    pub status: &'static str,
+    #[schema(value_type = String)]
+    pub status: Dependency,
     /// Replicas whose heartbeat is fresh
     pub replicas: usize,
     /// valid, invalid, or unknown: whether MAX last accepted the bot token
@@ -53,17 +59,27 @@ pub struct SyncdStatus {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReadModelStatus {
     /// loaded, or loading (reads wait for the first load up to the request timeout)
-    pub status: &'static str,
+    #[schema(value_type = String)]
+    pub status: Loading,
     /// Chats held in memory
     pub chats: usize,
     /// Seconds since the chats were last known to match Postgres; null before the first load
     pub age_seconds: Option<f64>,
 }
 
+/// Whether the read model has loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Loading {
+    Loaded,
+    Loading,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DetailedHealth {
     /// ok (all up), degraded (serving, something is down), or unavailable (Postgres is down)
-    pub status: &'static str,
+    #[schema(value_type = String)]
+    pub status: Overall,
     pub database: DependencyStatus,
     pub redis: DependencyStatus,
     pub syncd: SyncdStatus,
@@ -75,7 +91,11 @@ fn read_model_status(state: &AppState) -> ReadModelStatus {
     let model = &state.reads.model;
     let age = model.age();
     ReadModelStatus {
-        status: if age.is_some() { "loaded" } else { "loading" },
+        status: if age.is_some() {
+            Loading::Loaded
+        } else {
+            Loading::Loading
+        },
         chats: model.n_chats(),
         age_seconds: age.map(|age| age.as_secs_f64()),
     }
@@ -88,7 +108,7 @@ fn millis(text: Option<&String>) -> Option<DateTime<Utc>> {
 
 async fn syncd_status(state: &AppState) -> SyncdStatus {
     let unknown = SyncdStatus {
-        status: "unknown",
+        status: Dependency::Unknown,
         replicas: 0,
         max_token: "unknown".to_owned(),
         max_last_success_at: None,
@@ -106,7 +126,7 @@ async fn syncd_status(state: &AppState) -> SyncdStatus {
         .filter(|beat| shared::counts::age(now, *beat) <= HEARTBEAT_FRESH)
         .count();
     SyncdStatus {
-        status: if replicas > 0 { "up" } else { "down" },
+        status: Dependency::up_if(replicas > 0),
         replicas,
         max_token: fields
             .get(status::MAX_TOKEN)
@@ -179,20 +199,20 @@ async fn check_dependencies(state: &AppState) -> (StatusCode, DetailedHealth) {
     let syncd = syncd_status(state).await;
     let all_up = state.reads.model.is_loaded()
         && database_up
-        && redis == "up"
-        && syncd.status == "up"
+        && redis == Dependency::Up
+        && syncd.status == Dependency::Up
         && syncd.max_token != "invalid";
     let (code, status) = match (database_up, all_up) {
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-        (true, true) => (StatusCode::OK, "ok"),
-        (true, false) => (StatusCode::OK, "degraded"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, Overall::Unavailable),
+        (true, true) => (StatusCode::OK, Overall::Ok),
+        (true, false) => (StatusCode::OK, Overall::Degraded),
     };
     (
         code,
         DetailedHealth {
             status,
             database: DependencyStatus {
-                status: if database_up { "up" } else { "down" },
+                status: Dependency::up_if(database_up),
             },
             redis: DependencyStatus { status: redis },
             syncd,
@@ -201,13 +221,11 @@ async fn check_dependencies(state: &AppState) -> (StatusCode, DetailedHealth) {
     )
 }
 
-async fn redis_status(state: &AppState) -> &'static str {
+async fn redis_status(state: &AppState) -> Dependency {
     if !state.cache.is_enabled() {
-        "disabled"
-    } else if state.cache.ping().await {
-        "up"
+        Dependency::Disabled
     } else {
-        "down"
+        Dependency::up_if(state.cache.ping().await)
     }
 }
 
@@ -219,7 +237,7 @@ async fn redis_status(state: &AppState) -> &'static str {
     ))]
 pub async fn health_redis(State(state): State<AppState>) -> (StatusCode, Json<DependencyStatus>) {
     let status = redis_status(&state).await;
-    let code = if status == "up" {
+    let code = if status == Dependency::Up {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -256,4 +274,53 @@ pub async fn health_ready(State(state): State<AppState>) -> (StatusCode, Json<Re
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_detailed_health_json_is_spelled_as_before() {
+        let at = Utc.timestamp_millis_opt(1_700_000_000_000).unwrap();
+        let health = DetailedHealth {
+            status: Overall::Degraded,
+            database: DependencyStatus {
+                status: Dependency::Up,
+            },
+            redis: DependencyStatus {
+                status: Dependency::Disabled,
+            },
+            syncd: SyncdStatus {
+                status: Dependency::Unknown,
+                replicas: 0,
+                max_token: "unknown".to_owned(),
+                max_last_success_at: Some(at),
+                max_last_error_at: None,
+                max_last_error: None,
+            },
+            read_model: ReadModelStatus {
+                status: Loading::Loading,
+                chats: 0,
+                age_seconds: None,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&health).unwrap(),
+            r#"{"status":"degraded","database":{"status":"up"},"redis":{"status":"disabled"},"syncd":{"status":"unknown","replicas":0,"max_token":"unknown","max_last_success_at":"2023-11-14T22:13:20Z","max_last_error_at":null,"max_last_error":null},"read_model":{"status":"loading","chats":0,"age_seconds":null}}"#
+        );
+        let live = Liveness {
+            status: Overall::Ok,
+        };
+        assert_eq!(serde_json::to_string(&live).unwrap(), r#"{"status":"ok"}"#);
+        let loaded = ReadModelStatus {
+            status: Loading::Loaded,
+            chats: 3,
+            age_seconds: Some(1.5),
+        };
+        assert_eq!(
+            serde_json::to_string(&loaded).unwrap(),
+            r#"{"status":"loaded","chats":3,"age_seconds":1.5}"#
+        );
+    }
 }

@@ -20,7 +20,7 @@ pub mod meta;
 
 /// Every route of the api.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/chats/all", get(chats::list_chats))
         .route("/chats/{id}", get(chats::get_chat))
         .route(
@@ -43,13 +43,63 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(meta::metrics))
         .route("/openapi.json", get(meta::openapi_json))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    let router = if cfg!(debug_assertions) && state.settings.debug_panic_route {
+        router.route("/debug/panic", get(debug_panic))
+    } else {
+        router
+    };
+    // The panic is caught inside `observe`, so that it is answered, counted and logged like
+    // any other request, with the request's id and span.
+    router
+        .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(CatchPanicLayer::custom(|_| {
-            tracing::error!("handler panicked");
-            ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
-        }))
         .with_state(state)
+}
+
+/// Marks a response as the answer to a handler that panicked.
+#[derive(Clone, Copy)]
+struct Panicked;
+
+/// The generic 500 of a panic. The panic itself is logged by the hook `install_panic_hook`
+/// sets, inside the request's span, and counted by `observe`.
+fn panicked(_payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let mut response = ApiError::Internal(anyhow::anyhow!("handler panicked")).generic_response();
+    response.extensions_mut().insert(Panicked);
+    response
+}
+
+/// A route that panics, for the tests of the above: debug builds only, under
+/// `API_DEBUG_PANIC_ROUTE`.
+async fn debug_panic() -> Response {
+    panic!("a panic asked for by /debug/panic");
+}
+
+/// Logs a panic once, as an error line of the current span (a request's carries its request
+/// id and route), instead of the default hook's plain stderr text; a panic outside any span
+/// (a test's assertion, start-up) goes to the previous hook as before.
+pub fn install_panic_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if tracing::Span::current().is_none() {
+                previous(info);
+                return;
+            }
+            let message = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let location = info
+                .location()
+                .map(|at| format!("{}:{}", at.file(), at.line()))
+                .unwrap_or_default();
+            tracing::error!(panic.message = %message, panic.location = %location, "handler panicked");
+        }));
+    });
 }
 
 async fn not_found() -> ApiError {
@@ -133,6 +183,14 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         }
         let elapsed = started.elapsed();
         let status = response.status();
+        let panicked = response.extensions().get::<Panicked>().is_some();
+        if panicked {
+            state
+                .metrics
+                .http_panics
+                .with_label_values(&[route.as_str()])
+                .inc();
+        }
         state
             .metrics
             .http_requests
@@ -143,7 +201,9 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             .http_duration
             .with_label_values(&[route.as_str()])
             .observe(elapsed.as_secs_f64());
-        if status.is_server_error() {
+        if panicked {
+            // Logged already, once, by the panic hook in this span.
+        } else if status.is_server_error() {
             tracing::warn!(http.route = %route, http.method = %method, http.status = status.as_u16(),
                 duration_ms = elapsed.as_millis() as u64, "request failed");
         } else {

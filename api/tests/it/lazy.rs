@@ -367,3 +367,85 @@ async fn refreshes_past_the_waiter_cap_are_enqueued_and_answered_at_once() {
         2
     );
 }
+
+#[tokio::test]
+async fn use_cached_participants_false_serves_stored_counts_and_enqueues_nothing() {
+    let app = TestApp::spawn().await;
+    let cached = app
+        .insert_chat_unsettled(NewChat {
+            name: "a cached",
+            max_chat_id: Some("-70000000000001"),
+            participants_count: 3,
+            ..NewChat::default()
+        })
+        .await;
+    // Never refreshed: any read that may enqueue would enqueue it.
+    let never = app
+        .insert_chat_unsettled(NewChat {
+            name: "b never refreshed",
+            max_chat_id: Some("-70000000000002"),
+            participants_count: 7,
+            ..NewChat::default()
+        })
+        .await;
+    write_fenced(
+        &app.redis_client().await,
+        &[(
+            cached,
+            CachedCount {
+                count: 40,
+                updated_at: Utc::now(),
+            },
+        )],
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let stored = "/chats/all?sort_by=name&use_cached_participants=false";
+    let app_ref = &app;
+    eventually(Duration::from_secs(10), || async move {
+        app_ref.get_json(stored).await["total"] == 2
+    })
+    .await;
+    let page = app.get_json(stored).await;
+    let chats = page["data"].as_array().unwrap();
+    assert_eq!(chats[0]["id"], cached);
+    assert_eq!(
+        chats[0]["participants_count"], 3,
+        "Postgres' count, not Redis' 40"
+    );
+    assert_eq!(chats[1]["participants_count"], 7);
+    assert!(chats
+        .iter()
+        .all(|chat| chat["participants_source"] == "database"));
+    let one = app
+        .get_json(&format!("/chats/{cached}?use_cached_participants=false"))
+        .await;
+    assert_eq!(
+        (
+            one["participants_count"].clone(),
+            one["participants_source"].clone()
+        ),
+        (3.into(), "database".into())
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.stream_len(keys::REFRESH_STREAM_LAZY).await, 0);
+    let bad = app
+        .get(
+            "/chats/all?use_cached_participants=maybe",
+            Some(&app.admin()),
+        )
+        .await;
+    assert_eq!(bad.status(), 400);
+
+    // Absent (or true) is the cached read as before: Redis' count, and the stale one enqueued.
+    let page = app.get_json("/chats/all?sort_by=name").await;
+    assert_eq!(page["data"][0]["participants_count"], 40);
+    assert_eq!(page["data"][0]["participants_source"], "cache");
+    eventually(Duration::from_secs(5), || async move {
+        app_ref.stream_len(keys::REFRESH_STREAM_LAZY).await == 1
+    })
+    .await;
+    let requests = read_stream(&app, keys::REFRESH_STREAM_LAZY).await;
+    assert_eq!(requests[0].chat_id, never);
+}

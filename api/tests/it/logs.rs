@@ -1,5 +1,6 @@
 //! What the api's logs say, read from the real binary's stderr: a dependency it cannot reach at
-//! start-up is named at once, and every line of a request carries its request id and trace id.
+//! start-up is named at once, every line of a request carries its request id and trace id, and a
+//! handler's panic is one counted 500 logged with its request id.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -163,4 +164,91 @@ async fn every_log_line_of_a_request_carries_its_request_id_and_trace_id() {
     );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains(&generated), "the generated id is logged too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_answered_500_counted_and_logged_once_with_its_request_id() {
+    shared::tls::init();
+    let pg = testkit::PgServer::start();
+    let redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("api.log");
+    let address = format!("127.0.0.1:{}", testkit::free_port());
+    let mut api = spawn_api(
+        &[
+            ("API_LISTEN_ADDR", address.clone()),
+            ("DATABASE_URL", pg.url()),
+            ("REDIS_URL", redis.url()),
+            ("API_DEBUG_PANIC_ROUTE", "true".to_owned()),
+        ],
+        &log,
+    );
+    let http = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if http
+            .get(format!("http://{address}/health"))
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 200)
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let panicked = http
+        .get(format!("http://{address}/debug/panic"))
+        .header("x-request-id", "req-panic-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(panicked.status(), 500);
+    assert_eq!(panicked.headers()["x-request-id"], "req-panic-42");
+    let body: serde_json::Value = panicked.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "internal_error");
+    assert_eq!(body["error"]["message"], "internal error");
+    // The next request is served normally, and the panic was counted with its route.
+    let after = http
+        .get(format!("http://{address}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 200);
+    let metrics = http
+        .get(format!("http://{address}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let logged = wait_for_line(
+        &log,
+        &["handler panicked", "req-panic-42", "/debug/panic"],
+        Duration::from_secs(10),
+    );
+    let _ = api.kill();
+    let _ = api.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.is_some(), "{text}");
+    assert!(
+        metrics.contains(r#"http_panics_total{route="/debug/panic"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"http_requests_total{method="GET",route="/debug/panic",status="500"} 1"#),
+        "{metrics}"
+    );
+    let mentions = text
+        .lines()
+        .filter(|line| line.contains("req-panic-42"))
+        .count();
+    assert_eq!(mentions, 1, "the panic is logged once: {text}");
+    assert!(
+        !text.contains("thread '"),
+        "no second, plain-text panic message: {text}"
+    );
 }

@@ -15,5 +15,6 @@ mod proxy;
 mod read_model;
 mod read_model_changes;
 mod schemathesis;
-mod tracking;
+mod search_bounds;
 mod sync;
+mod tracking;

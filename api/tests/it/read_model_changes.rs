@@ -59,8 +59,9 @@ impl OwnModel {
         };
         let page = self
             .model
-            .page(Scope::All, &query)
-            .expect("the model is loaded");
+            .page(Scope::All, &query, usize::MAX)
+            .expect("the model is loaded")
+            .expect("an unbounded search answers");
         page.chats.iter().map(|chat| i64::from(chat.id)).collect()
     }
 
@@ -167,7 +168,10 @@ fn own_order_len(model: &ReadModel, archived: usize) -> usize {
         order: SortOrder::Desc,
         words: vec!["архив".to_owned()],
     };
-    let page = model.page(Scope::All, &query).expect("the model is loaded");
+    let page = model
+        .page(Scope::All, &query, usize::MAX)
+        .expect("the model is loaded")
+        .expect("an unbounded search answers");
     assert_eq!(page.total, archived);
     model
         .page(
@@ -176,8 +180,10 @@ fn own_order_len(model: &ReadModel, archived: usize) -> usize {
                 words: Vec::new(),
                 ..query
             },
+            usize::MAX,
         )
         .expect("the model is loaded")
+        .expect("an unbounded search answers")
         .total
 }
 
