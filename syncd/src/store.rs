@@ -320,10 +320,10 @@ pub struct FreshCount {
 /// mirrors a changed count into `chats.participants_count` (the legacy column and fallback).
 /// Chats deleted meanwhile are skipped. Returns how many counts were written.
 ///
-/// The mirror leaves `chats.updated_at` as it was: the transaction is marked as the count
-/// mirror, which the trigger `zz_participants_count_mirror_keeps_updated_at` reads, so the
-/// legacy trigger's stamp is undone and "sort by updated_at" keeps meaning "edited lately"
-/// (README: the legacy table).
+/// The transaction is marked as the count mirror, for the trigger
+/// `zz_participants_count_mirror_keeps_updated_at` of the next release (docs/next-release/),
+/// which undoes the legacy trigger's `updated_at` stamp; until it lands, the mirror moves
+/// `updated_at` as it always did (README: the legacy table).
 ///
 /// A count asked before a newer failure was recorded (a slow success landing after a `Gone`)
 /// is kept as the last known count but leaves the chat's status as the failure set it. Times
