@@ -20,12 +20,7 @@ const SCAN_ENTRIES: u64 = 10_000;
 
 /// Renders the chat's state as `name: value` lines.
 pub async fn inspect(args: &InspectArgs) -> anyhow::Result<String> {
-    let db = shared::db::pool(&args.database)?;
-    let redis = shared::redis::connect(&args.redis)?;
-    redis
-        .wait_for_connect()
-        .await
-        .context("cannot reach Redis (REDIS_URL)")?;
+    let (db, redis) = crate::report::connect(&args.database, &args.redis).await?;
     let mut out = String::new();
     let id = args.chat_id;
     writeln!(out, "chat {id}")?;

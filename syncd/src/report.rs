@@ -12,15 +12,24 @@ use shared::sweeps::SweepState;
 use crate::config::StatusArgs;
 use crate::stream::redis::{group_info, GroupInfo};
 
-/// Renders the status report: the streams, the replicas and MAX, the schedules, the last
-/// sweeps, and the chats by freshness.
-pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
-    let db = shared::db::pool(&args.database)?;
-    let redis = shared::redis::connect(&args.redis)?;
+/// The pool and the connected Redis client an operator's report reads (`status`, `inspect`).
+pub(crate) async fn connect(
+    database: &shared::config::DatabaseArgs,
+    redis: &shared::config::RedisArgs,
+) -> anyhow::Result<(sqlx::PgPool, fred::clients::Client)> {
+    let db = shared::db::pool(database)?;
+    let redis = shared::redis::connect(redis)?;
     redis
         .wait_for_connect()
         .await
         .context("cannot reach Redis (REDIS_URL)")?;
+    Ok((db, redis))
+}
+
+/// Renders the status report: the streams, the replicas and MAX, the schedules, the last
+/// sweeps, and the chats by freshness.
+pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
+    let (db, redis) = connect(&args.database, &args.redis).await?;
     let mut out = String::new();
     write_streams(&mut out, &redis).await?;
     write_replicas(&mut out, &redis).await?;
