@@ -246,7 +246,8 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 /// `chats` rows as the legacy service wrote them (a group's name, a department, a source), with
 /// a synced count each, analysed.
 pub async fn seed_chats(db: &sqlx::PgPool, chats: i32) -> anyhow::Result<()> {
-    sqlx::query(
+    insert_in_bulk(
+        db,
         "insert into chats (name, url, max_chat_id, participants_count, university_id, department, source, external_chat_id) \
          select (array['Математика','Физика','История','Информатика','Химия','Биология','Право','Экономика'])[1 + g % 8] \
                 || ' ' || (2019 + g % 7) || ' группа ' || g, \
@@ -254,9 +255,8 @@ pub async fn seed_chats(db: &sqlx::PgPool, chats: i32) -> anyhow::Result<()> {
                 (array['Мехмат','Физфак','Истфак','ВМК','Химфак','Биофак','Юрфак', null])[1 + g % 8], \
                 (array['admin_panel','bot_registrar','academic_group'])[1 + g % 3], 'ext-' || g \
          from generate_series(1, $1) g",
+        chats,
     )
-    .bind(chats)
-    .execute(db)
     .await?;
     sqlx::query(
         "insert into chat_participants (chat_id, participants_count, participants_updated_at, sync_status, checked_at) \
@@ -268,6 +268,28 @@ pub async fn seed_chats(db: &sqlx::PgPool, chats: i32) -> anyhow::Result<()> {
     sqlx::query("vacuum analyze chat_participants")
         .execute(db)
         .await?;
+    Ok(())
+}
+
+/// Runs one `insert into chats … select … from generate_series(1, $1)` without the per-row
+/// triggers (chat_totals' upsert of one row per university, the api's notify), which make a
+/// 1,500,000-row insert take hours; nothing listens yet. The totals are counted once after.
+pub async fn insert_in_bulk(db: &sqlx::PgPool, insert: &str, rows: i32) -> anyhow::Result<()> {
+    let mut tx = db.begin().await?;
+    sqlx::query("set local session_replication_role = replica")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(insert).bind(rows).execute(&mut *tx).await?;
+    sqlx::query("delete from chat_totals")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "insert into chat_totals (scope_key, n) \
+         select chat_totals_key(university_id), count(*) from chats group by 1",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 

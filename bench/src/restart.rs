@@ -81,22 +81,14 @@ async fn wait_for_health(stack: &Stack, process: &Process) -> anyhow::Result<()>
 
 pub async fn run(chats: i32) -> anyhow::Result<()> {
     let mut stack = Stack::start(0, SimConfig::default(), &[]).await?;
-    // One statement, without the per-university totals trigger, which makes a bulk insert
-    // quadratic; the totals are counted once afterwards.
-    let mut insert = stack.db.begin().await?;
-    for sql in [
-        "alter table chats disable trigger chat_totals_on_insert_or_delete",
+    crate::read::insert_in_bulk(
+        &stack.db,
         "insert into chats (name, url, max_chat_id, participants_count, source) \
          select 'chat ' || g, 'https://max.ru/join/' || g, (-70000000000000 - g)::text, 1, 'admin_panel' \
          from generate_series(1, $1) g",
-        "alter table chats enable trigger chat_totals_on_insert_or_delete",
-        "delete from chat_totals",
-        "insert into chat_totals (scope_key, n) \
-         select chat_totals_key(university_id), count(*) from chats group by 1",
-    ] {
-        sqlx::query(sql).bind(chats).execute(&mut *insert).await?;
-    }
-    insert.commit().await?;
+        chats,
+    )
+    .await?;
     sqlx::query("vacuum analyze chats")
         .execute(&stack.db)
         .await?;

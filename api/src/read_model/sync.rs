@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -466,29 +466,23 @@ impl Syncer<'_> {
         }
     }
 
-    /// Compares each text column's order with Postgres' by digest, and re-reads a column that
-    /// differs: an order can drift for good (a rename and back racing another batch), which
-    /// row versions cannot show.
-    async fn repair_orders(&self) -> anyhow::Result<()> {
+    /// Compares each text column's order with Postgres' by digest, in `snapshot`, and re-reads
+    /// from it a column that differs: an order can drift for good (a rename and back racing
+    /// another batch), which row versions cannot show. Only called when the model holds every
+    /// row of `snapshot` at its version, so a differing digest is drift, never a row that
+    /// changed while the two were compared.
+    async fn repair_orders(&self, snapshot: &mut PgConnection) -> anyhow::Result<()> {
         let model = Arc::clone(self.model);
         let ours = tokio::task::spawn_blocking(move || model.text_order_digests())
             .await
             .context("digesting the read model's sort orders failed")?;
-        if ours.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .context("cannot compare sort orders")?;
         let mut differing = Vec::new();
         for (column, ours) in ours {
-            match postgres::text_order_digest(&mut conn, column).await {
+            match postgres::text_order_digest(snapshot, column).await {
                 Ok(theirs) if theirs == ours => {}
                 Ok(_) => differing.push(column),
                 // Not worth failing the session over: row versions were reconciled, and the
-                // next round tries again (a very large table may outlast the statement timeout).
+                // next round tries again.
                 Err(error) => {
                     tracing::warn!(
                         error = %error,
@@ -499,17 +493,10 @@ impl Syncer<'_> {
                 }
             }
         }
-        drop(conn);
         for column in differing {
-            let mut tx = postgres::snapshot(self.pool)
-                .await
-                .context("cannot start a sort order repair")?;
-            let ids = postgres::text_order(&mut tx, column)
+            let ids = postgres::text_order(snapshot, column)
                 .await
                 .context("cannot reload a sort order")?;
-            tx.commit()
-                .await
-                .context("cannot finish a sort order repair")?;
             self.apply(Delta {
                 text_orders: vec![(column, TextOrder::Whole(ids))],
                 ..Delta::default()
@@ -532,8 +519,15 @@ impl Syncer<'_> {
         let ours = self.model.versions();
         let mut at = 0;
         let mut differing = Vec::new();
-        let mut conn = self.pool.acquire().await.context("cannot reconcile")?;
-        postgres::versions(&mut conn, |row| {
+        // One snapshot for the versions and the orders, under the load's statement timeout:
+        // at a million chats each statement reads the whole table.
+        let mut snapshot = postgres::snapshot(self.pool)
+            .await
+            .context("cannot start a reconciliation")?;
+        postgres::set_load_timeout(&mut snapshot, self.load_timeout)
+            .await
+            .context("cannot set the reconciliation's statement timeout")?;
+        postgres::versions(&mut snapshot, |row| {
             while at < ours.len() && ours[at].0 < row.id {
                 differing.push(ours[at].0);
                 at += 1;
@@ -549,10 +543,20 @@ impl Syncer<'_> {
         })
         .await
         .context("cannot read row versions")?;
-        drop(conn);
         // What is left of ours no longer exists in Postgres.
         differing.extend(ours[at..].iter().map(|(id, _)| *id));
+        if differing.is_empty() {
+            // The model holds this snapshot row for row (nothing changes it meanwhile: this
+            // task is its only writer), so the orders can be compared in the same snapshot.
+            self.repair_orders(&mut snapshot).await?;
+        }
+        snapshot
+            .commit()
+            .await
+            .context("cannot finish a reconciliation")?;
         if !differing.is_empty() {
+            // Rows moved under the comparison; their orders are compared in a later round in
+            // which Postgres and the model agree row for row.
             tracing::info!(
                 chats = differing.len(),
                 duration_ms = started.elapsed().as_millis() as u64,
@@ -563,7 +567,6 @@ impl Syncer<'_> {
             }
             self.reload(&differing, "reconciled").await?;
         }
-        self.repair_orders().await?;
         self.model.mark_synced();
         Ok(())
     }
