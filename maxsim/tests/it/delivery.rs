@@ -153,7 +153,7 @@ async fn a_failing_webhook_is_retried_on_max_schedule_given_up_at_8h_and_unsubsc
     // After 8 hours of nothing but failures, MAX removes the subscription.
     tokio::time::sleep(Duration::from_millis(4500).saturating_sub(started.elapsed())).await;
     let log = sim.sim.deliveries();
-    assert_eq!(log.unsubscribed, [receiver.url.clone()]);
+    assert_eq!(log.unsubscribed, std::slice::from_ref(&receiver.url));
     assert_eq!(receiver.received().len(), 8, "no POST after the give-up");
     assert_eq!(
         sim.get("/subscriptions").await.1,
