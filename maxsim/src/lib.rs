@@ -162,14 +162,18 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
-    /// The real duration of `secs` simulated seconds.
-    pub fn scaled(&self, secs: f64) -> Duration {
-        let scale = if self.time_scale > 0.0 {
+    /// Simulated seconds per real second; a `time_scale` that is not positive counts as 1.
+    pub fn scale(&self) -> f64 {
+        if self.time_scale > 0.0 {
             self.time_scale
         } else {
             1.0
-        };
-        Duration::try_from_secs_f64((secs / scale).max(0.0)).unwrap_or(Duration::MAX)
+        }
+    }
+
+    /// The real duration of `secs` simulated seconds.
+    pub fn scaled(&self, secs: f64) -> Duration {
+        Duration::try_from_secs_f64((secs / self.scale()).max(0.0)).unwrap_or(Duration::MAX)
     }
 }
 

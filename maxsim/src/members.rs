@@ -307,7 +307,7 @@ pub(crate) async fn run_background(sim: Simulator) {
         let mut state = sim.lock();
         let elapsed = last.elapsed();
         last = Instant::now();
-        let rate = state.config.member_changes_per_sec * state.config.time_scale.max(0.0);
+        let rate = state.config.member_changes_per_sec * state.config.scale();
         state.members.change_budget += rate * elapsed.as_secs_f64();
         let mut rng = rand::thread_rng();
         while state.members.change_budget >= 1.0 {

@@ -292,3 +292,39 @@ async fn no_more_than_the_cap_of_posts_start_in_a_second() {
         assert!(in_second <= 20, "{in_second} POSTs within a second");
     }
 }
+
+#[tokio::test]
+async fn each_event_is_retried_on_its_own_schedule() {
+    // One simulated minute in 16.7 ms.
+    let scale = 3600.0;
+    let sim = admin_chat(SimConfig {
+        time_scale: scale,
+        webhook_timeout_secs: 3600.0,
+        ..quiet()
+    })
+    .await;
+    let receiver = Receiver::start(&[503], Duration::ZERO).await;
+    assert_eq!(subscribe(&sim, json!({"url": receiver.url})).await, 200);
+    sim.sim.add_member(CHAT, 1).unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    sim.sim.add_member(CHAT, 2).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let attempts = sim.sim.deliveries().attempts;
+    for seq in [1, 2] {
+        let times: Vec<i64> = attempts
+            .iter()
+            .filter(|a| a.seq == seq)
+            .map(|a| a.at_ms)
+            .collect();
+        assert!(times.len() >= 4, "event {seq}: {times:?}");
+        // Retries 60 s, 150 s, 375 s after the previous try: 16.7, 41.7, 104 ms.
+        for (n, expected_ms) in [16.7, 41.7, 104.2].iter().enumerate() {
+            let gap = (times[n + 1] - times[n]) as f64;
+            assert!(
+                gap >= expected_ms - 1.0 && gap <= expected_ms + 100.0,
+                "event {seq}, retry {}: {gap} ms, not {expected_ms} ({times:?})",
+                n + 1
+            );
+        }
+    }
+}
