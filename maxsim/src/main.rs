@@ -8,8 +8,9 @@ use maxsim::{SimConfig, Simulator};
 use shared::config::parse_duration;
 
 /// A MAX Bot API simulator: GET /chats/{chatId} with a rate limit, latency, errors, answers
-/// that are not a chat, chats gone for good or not joined yet, and churn. Change it at run time
-/// with POST /_sim/config (and POST /_sim/join/{chatId}); read what it saw at GET /_sim/stats.
+/// that are not a chat, chats gone for good or not joined yet, and churn; membership events by
+/// webhook (/subscriptions) or long polling (GET /updates). Change it at run time with POST
+/// /_sim/config (and the other /_sim/ controls); read what it saw at GET /_sim/stats.
 #[derive(Parser, Debug)]
 #[command(name = "maxsim", version, about)]
 struct Cli {
@@ -54,6 +55,15 @@ struct Cli {
     /// Counts drift by up to ±10 every this long (0 keeps them still)
     #[arg(long, env = "MAXSIM_CHURN_PERIOD", default_value = "5m", value_parser = parse_duration)]
     churn_period: std::time::Duration,
+    /// Per mille of chats where the bot is an administrator (their membership events are sent)
+    #[arg(long, env = "MAXSIM_ADMIN_PERMILLE", default_value_t = 0)]
+    admin_permille: u32,
+    /// Background membership changes per simulated second over the chats the simulator knows
+    #[arg(long, env = "MAXSIM_MEMBER_CHANGES_PER_SEC", default_value_t = 0.0)]
+    member_changes_per_sec: f64,
+    /// Simulated seconds per real second for event delivery (webhook retries, retention)
+    #[arg(long, env = "MAXSIM_TIME_SCALE", default_value_t = 1.0)]
+    time_scale: f64,
 }
 
 #[tokio::main]
@@ -79,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
         not_a_chat_rate: cli.not_a_chat_rate,
         no_count_rate: cli.no_count_rate,
         churn_period_secs: cli.churn_period.as_secs(),
+        admin_permille: cli.admin_permille,
+        member_changes_per_sec: cli.member_changes_per_sec,
+        time_scale: cli.time_scale,
         ..SimConfig::default()
     });
     let listener = tokio::net::TcpListener::bind(cli.listen_addr)
