@@ -22,7 +22,8 @@ pub mod stream;
 pub mod sweep;
 pub mod token;
 
-use crate::config::{RefreshArgs, RunArgs, SweepArgs, SyncArgs, UpdatesMode};
+use crate::config::{RefreshArgs, RunArgs, SweepArgs, SyncArgs};
+use crate::events::settings::UpdatesMode;
 use crate::metrics::Metrics;
 use crate::refresh::limiter::{Limiter, Urgency};
 use crate::refresh::{Outcome, Refresher, RefresherParts};

@@ -17,8 +17,8 @@ use shared::keys;
 use tokio_util::sync::CancellationToken;
 
 use super::register::{apply, ChatState, Effect};
+use super::settings::UpdatesMode;
 use super::update::{Parsed, Update};
-use crate::config::UpdatesMode;
 use crate::metrics::Metrics;
 use crate::stream::redis::{self as commands, Entry, Group};
 

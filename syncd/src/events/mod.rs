@@ -7,8 +7,10 @@
 //!   `stream` mode) and `Registers`, the seam to the count writes (not wired yet).
 //! - `update`: the typed `Update`, parsed at the edge. `register`: pure, the per-(chat, user)
 //!   membership register and `apply`, which decides each update's `Effect`s.
+//! - `settings`: `MAX_UPDATES_MODE` and the settings of each mode.
 
 pub mod intake;
 pub mod register;
+pub mod settings;
 pub mod update;
 pub mod webhook;
