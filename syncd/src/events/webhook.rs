@@ -54,6 +54,8 @@ pub struct Receiver {
     pub metrics: Metrics,
     /// A streak of bodies that are not updates is logged once, at its start.
     not_updates: AtomicBool,
+    /// A streak of updates Redis could not store is logged once, at its start.
+    unstored: AtomicBool,
 }
 
 impl Receiver {
@@ -63,6 +65,7 @@ impl Receiver {
             secret,
             metrics,
             not_updates: AtomicBool::new(false),
+            unstored: AtomicBool::new(false),
         })
     }
 
@@ -151,17 +154,24 @@ async fn receive_update(
                 .events_received
                 .with_label_values(&["webhook"])
                 .inc();
+            if receiver.unstored.swap(false, Ordering::Relaxed) {
+                tracing::info!("MAX updates are stored again");
+            }
             StatusCode::OK
         }
-        Ok(Err(error)) => {
-            tracing::warn!(error = %error, "cannot store a MAX update; answered 503 so that MAX retries it");
-            receiver.reject("unavailable", StatusCode::SERVICE_UNAVAILABLE)
-        }
-        Err(_) => {
-            tracing::warn!("storing a MAX update timed out; answered 503 so that MAX retries it");
-            receiver.reject("unavailable", StatusCode::SERVICE_UNAVAILABLE)
-        }
+        Ok(Err(error)) => unstored(&receiver, &error.to_string()),
+        Err(_) => unstored(&receiver, "timed out"),
     }
+}
+
+/// 503, so that MAX delivers the update again later; the first of a streak is logged.
+fn unstored(receiver: &Receiver, error: &str) -> StatusCode {
+    if receiver.unstored.swap(true, Ordering::Relaxed) {
+        tracing::debug!(error, "another MAX update not stored");
+    } else {
+        tracing::warn!(error, "cannot store MAX updates in Redis; answering 503 so that MAX retries them (logged once until one is stored)");
+    }
+    receiver.reject("unavailable", StatusCode::SERVICE_UNAVAILABLE)
 }
 
 /// Dead-letters an authenticated body that is not an update; the first of a streak is logged.
