@@ -452,3 +452,59 @@ async fn syncd_run_in_webhook_mode_serves_the_receiver_on_its_own_port_and_consu
     assert_eq!(info.pending, Some(0), "acknowledged after handling");
     replica.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_update_a_crashed_replica_held_is_taken_over_and_applied_once() {
+    let redis_server = RedisServer::start();
+    let redis = client(&redis_server.url()).await;
+    let stream = keys::EVENTS_STREAM;
+    let _: () = redis
+        .xgroup_create(stream, keys::EVENTS_GROUP, "0", true)
+        .await
+        .unwrap();
+    let _: String = redis
+        .xadd(
+            stream,
+            false,
+            ("MAXLEN", "~", 1000),
+            "*",
+            vec![(keys::EVENTS_FIELD_UPDATE, user_added(4, 5_000))],
+        )
+        .await
+        .unwrap();
+    // A replica read it and died before acknowledging it.
+    let held: Value = redis
+        .xreadgroup(
+            keys::EVENTS_GROUP,
+            "crashed",
+            Some(10),
+            None,
+            false,
+            stream,
+            ">",
+        )
+        .await
+        .unwrap();
+    assert!(!matches!(held, Value::Null));
+    let memory = Memory::with_baseline(10);
+    let (metrics, _stop) = start_intake(&redis_server, stream, UpdatesMode::Webhook, &memory).await;
+    eventually(
+        Duration::from_secs(10),
+        "the held update taken over",
+        || async {
+            let info =
+                syncd::stream::redis::group_info_of(&redis, stream, keys::EVENTS_GROUP).await;
+            info.pending == Some(0)
+        },
+    )
+    .await;
+    assert_eq!(memory.count(), Some(11));
+    let page = metrics.render();
+    assert_eq!(
+        series(
+            &page,
+            r#"participants_events_applied_total{outcome="applied"}"#
+        ),
+        1.0
+    );
+}
