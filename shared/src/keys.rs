@@ -4,6 +4,8 @@
 //! braces), so the same code runs on Redis Cluster:
 //! - `{participants:refresh}` groups the refresh streams, the dead-letter stream and the
 //!   per-chat dedup markers, because one script checks a marker and appends to a stream.
+//! - `{participants:events}` groups the membership events stream and its dead letters (a
+//!   dead letter is written beside the entry it acknowledges).
 //!
 //! Eviction: only the count buckets and the short-lived markers carry a TTL. With the
 //! recommended `maxmemory-policy volatile-lru` Redis may evict those and never the streams or
@@ -61,6 +63,22 @@ pub const REFRESH_STREAM_DEAD: &str = "{participants:refresh}:dead";
 
 /// The consumer group every `syncd` replica joins on both refresh streams.
 pub const REFRESH_GROUP: &str = "syncd";
+
+/// Raw MAX updates the webhook receiver (`MAX_UPDATES_MODE=webhook`) accepted, one per entry
+/// in the field `EVENTS_FIELD_UPDATE`, read by the `EVENTS_GROUP` consumer group. (In `stream`
+/// mode the stream is another service's, named by `MAX_UPDATES_STREAM`, with the same field.)
+pub const EVENTS_STREAM: &str = "{participants:events}:updates";
+
+/// Bodies that are not MAX updates (from the webhook, or an events stream's entries), with
+/// the reason, kept for an operator to inspect.
+pub const EVENTS_STREAM_DEAD: &str = "{participants:events}:dead";
+
+/// The consumer group syncd replicas share on the events stream (ours, or another service's
+/// in `stream` mode, where other groups may read the same entries).
+pub const EVENTS_GROUP: &str = "participants-syncd";
+
+/// The field of an events stream entry that holds the raw Update (JSON).
+pub const EVENTS_FIELD_UPDATE: &str = "update";
 
 /// Marks a chat as already enqueued for a lazy refresh, so a hot stale chat is enqueued once
 /// per marker lifetime and not once per read.
@@ -155,6 +173,9 @@ mod tests {
             manual_refresh_marker(7),
         ] {
             assert!(key.starts_with("{participants:refresh}"), "{key}");
+        }
+        for key in [EVENTS_STREAM, EVENTS_STREAM_DEAD] {
+            assert!(key.starts_with("{participants:events}"), "{key}");
         }
         for key in [LIMITER_TAT, LIMITER_PAUSE, LIMITER_URGENT] {
             assert!(key.starts_with("{participants:limiter}"), "{key}");

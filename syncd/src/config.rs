@@ -10,6 +10,7 @@ use shared::config::{
     parse_bool, parse_duration, parse_secret, DatabaseArgs, FreshnessArgs, LogArgs, RedisArgs,
 };
 
+use crate::events::settings::EventsArgs;
 use crate::sweep::schedule::{interval_to_cron, Schedule, Schedules};
 
 /// Keeps participant counts fresh: consumes the refresh stream and sweeps the chats against
@@ -276,6 +277,9 @@ pub struct RunArgs {
     /// How long in-flight work may take to finish after SIGTERM before it is handed back
     #[arg(long, env = "SYNCD_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    #[command(flatten)]
+    pub events: EventsArgs,
 }
 
 impl RunArgs {
@@ -285,7 +289,7 @@ impl RunArgs {
         if self.claim_idle < Duration::from_millis(100) {
             return Err("SYNCD_CLAIM_IDLE must be at least 100ms".to_owned());
         }
-        Ok(())
+        self.events.validate(self.listen_addr)
     }
 }
 

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub mod config;
+pub mod events;
 pub mod heartbeat;
 pub mod http;
 pub mod inspect;
@@ -22,6 +23,7 @@ pub mod sweep;
 pub mod token;
 
 use crate::config::{RefreshArgs, RunArgs, SweepArgs, SyncArgs};
+use crate::events::settings::UpdatesMode;
 use crate::metrics::Metrics;
 use crate::refresh::limiter::{Limiter, Urgency};
 use crate::refresh::{Outcome, Refresher, RefresherParts};
@@ -85,6 +87,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let parts = build(&args.sync).await?;
+    let webhook = bind_webhook(&args).await?;
     let name = args
         .consumer_name
         .clone()
@@ -166,6 +169,7 @@ pub async fn run(
         rps: args.sync.max_api_rps,
     };
     tracker.spawn(sweeper.run_scheduler(args.participants_enable_background_sync, cancel.clone()));
+    spawn_events(&args, &parts, &name, webhook, &tracker, &cancel)?;
     tracker.close();
     tracing::info!(%address, consumer = %name, rps = args.sync.max_api_rps,
         background_sync = args.participants_enable_background_sync, "syncd running");
@@ -188,6 +192,77 @@ pub async fn run(
     // Closing waits for connections in use; a dead Postgres must not hold the exit.
     let _ = tokio::time::timeout(Duration::from_millis(500), parts.db.close()).await;
     tracing::info!("syncd stopped");
+    Ok(())
+}
+
+/// The webhook receiver's listener in webhook mode, bound before any task starts.
+async fn bind_webhook(args: &RunArgs) -> anyhow::Result<Option<TcpListener>> {
+    match args.events.max_updates_mode {
+        UpdatesMode::Webhook => {
+            let address = args.events.webhook_addr;
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on SYNCD_WEBHOOK_ADDR {address}"))?;
+            Ok(Some(listener))
+        }
+        UpdatesMode::Poll => {
+            anyhow::bail!("MAX_UPDATES_MODE=poll is not built yet: use webhook, stream or off")
+        }
+        UpdatesMode::Off | UpdatesMode::Stream => Ok(None),
+    }
+}
+
+/// The membership events intake of the mode in force: the webhook receiver (webhook mode) and
+/// the events consumer, which decides each update's effects without carrying them out yet
+/// (`events::intake::NotWired`).
+fn spawn_events(
+    args: &RunArgs,
+    parts: &Parts,
+    name: &str,
+    webhook: Option<TcpListener>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mode = args.events.max_updates_mode;
+    let stream = match mode {
+        UpdatesMode::Off | UpdatesMode::Poll => return Ok(()),
+        UpdatesMode::Webhook => shared::keys::EVENTS_STREAM.to_owned(),
+        UpdatesMode::Stream => args
+            .events
+            .max_updates_stream
+            .clone()
+            .context("MAX_UPDATES_STREAM is required when MAX_UPDATES_MODE=stream")?,
+    };
+    if let Some(listener) = webhook {
+        let secret = args
+            .events
+            .max_webhook_secret
+            .clone()
+            .context("MAX_WEBHOOK_SECRET is required when MAX_UPDATES_MODE=webhook")?;
+        let address = listener
+            .local_addr()
+            .context("webhook listener has no local address")?;
+        let receiver =
+            events::webhook::Receiver::new(parts.redis.clone(), secret, parts.metrics.clone());
+        tracker.spawn(events::webhook::serve(listener, receiver, cancel.clone()));
+        tracing::info!(%address, path = events::webhook::PATH, "webhook receiver listening");
+    }
+    let reader_args = shared::config::RedisArgs {
+        redis_timeout: args.sync.redis.redis_timeout + Duration::from_secs(2),
+        ..args.sync.redis.clone()
+    };
+    let intake = events::intake::Intake {
+        consumer: name.to_owned(),
+        redis: parts.redis.clone(),
+        reader: shared::redis::connect(&reader_args)?,
+        stream,
+        mode,
+        claim_idle: args.claim_idle,
+        metrics: parts.metrics.clone(),
+        registers: events::intake::NotWired,
+        not_updates: Default::default(),
+    };
+    tracker.spawn(intake.run(cancel.clone()));
     Ok(())
 }
 

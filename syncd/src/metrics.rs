@@ -32,6 +32,15 @@ pub struct Metrics {
     pub stale_data_count: IntGauge,
     pub full_sweep_last_finished: IntGauge,
     pub full_sweep_interval: IntGauge,
+    /// Membership updates taken in, by intake mode (`webhook`: stored by the receiver;
+    /// `stream`: read from another service's stream).
+    pub events_received: IntCounterVec,
+    /// Webhook requests and stream entries not taken, by reason.
+    pub events_rejected: IntCounterVec,
+    /// What each update came to in its chat's register, by outcome.
+    pub events_applied: IntCounterVec,
+    /// From an update's `timestamp` to its handling by the events consumer.
+    pub events_intake_lag: Histogram,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -168,6 +177,26 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            events_received: counter_vec(
+                "participants_events_received_total",
+                "MAX membership updates taken in, by mode (webhook: stored by the receiver; stream: read from another service's stream)",
+                &["mode"],
+            ),
+            events_rejected: counter_vec(
+                "participants_events_rejected_total",
+                "MAX updates not taken, by reason (unauthorized, too_large, not_an_update, unavailable: Redis could not store it, answered 503)",
+                &["reason"],
+            ),
+            events_applied: counter_vec(
+                "participants_events_applied_total",
+                "MAX updates applied to their chat's membership register, by outcome (applied, ambiguous, duplicate, stale, needs_baseline, removed, no_count, ignored)",
+                &["outcome"],
+            ),
+            events_intake_lag: histogram(
+                "participants_events_intake_lag_seconds",
+                "Time from a MAX update's timestamp to its handling by the events consumer",
+                vec![0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 28800.0],
+            ),
             registry: r,
         }
         .with_known_series()
@@ -207,6 +236,15 @@ impl Metrics {
             self.stream_length.with_label_values(&[stream]);
             self.stream_pending.with_label_values(&[stream]);
             self.stream_lag.with_label_values(&[stream]);
+        }
+        for mode in ["webhook", "stream"] {
+            self.events_received.with_label_values(&[mode]);
+        }
+        for reason in ["unauthorized", "too_large", "not_an_update", "unavailable"] {
+            self.events_rejected.with_label_values(&[reason]);
+        }
+        for outcome in crate::events::register::Outcome::ALL {
+            self.events_applied.with_label_values(&[outcome.as_str()]);
         }
         for kind in ["stale", "full"] {
             self.sweep_done.with_label_values(&[kind]);

@@ -207,6 +207,7 @@ impl Consumer {
         if let Some(after) = state.own_pending_after.clone() {
             let entries = redis::read(
                 &lane.reader,
+                redis::REFRESH.name,
                 &self.name,
                 lane.stream,
                 batch,
@@ -223,8 +224,14 @@ impl Consumer {
                 return Ok(Round::Done);
             };
             state.own_pending_after = Some(newest.to_owned());
-            let deliveries =
-                redis::delivery_counts(&self.redis, &self.name, lane.stream, &entries).await?;
+            let deliveries = redis::delivery_counts(
+                &self.redis,
+                redis::REFRESH.name,
+                &self.name,
+                lane.stream,
+                &entries,
+            )
+            .await?;
             return self.process(lane, entries, &deliveries).await;
         }
         if state.last_claim.elapsed() >= claim_every {
@@ -235,8 +242,16 @@ impl Consumer {
             }
             return self.claim_abandoned(lane, state).await;
         }
-        let entries =
-            redis::read(&lane.reader, &self.name, lane.stream, batch, None, BLOCK).await?;
+        let entries = redis::read(
+            &lane.reader,
+            redis::REFRESH.name,
+            &self.name,
+            lane.stream,
+            batch,
+            None,
+            BLOCK,
+        )
+        .await?;
         self.process(lane, entries, &HashMap::new()).await
     }
 
@@ -265,6 +280,7 @@ impl Consumer {
     async fn claim_abandoned(&self, lane: &Lane, state: &mut LaneState) -> anyhow::Result<Round> {
         let (next, claimed) = redis::autoclaim(
             &self.redis,
+            redis::REFRESH.name,
             &self.name,
             lane.stream,
             self.claim_idle,
@@ -281,8 +297,14 @@ impl Consumer {
                 entries = claimed.len(),
                 "took over idle refresh entries"
             );
-            let deliveries =
-                redis::delivery_counts(&self.redis, &self.name, lane.stream, &claimed).await?;
+            let deliveries = redis::delivery_counts(
+                &self.redis,
+                redis::REFRESH.name,
+                &self.name,
+                lane.stream,
+                &claimed,
+            )
+            .await?;
             self.process(lane, claimed, &deliveries).await?
         };
         self.report_stream_gauges(lane.stream).await;
@@ -290,7 +312,15 @@ impl Consumer {
     }
 
     async fn forget_idle_consumers(&self, stream: &str) {
-        match redis::forget_idle_consumers(&self.redis, stream, &self.name, CONSUMER_FORGET).await {
+        match redis::forget_idle_consumers(
+            &self.redis,
+            redis::REFRESH.name,
+            stream,
+            &self.name,
+            CONSUMER_FORGET,
+        )
+        .await
+        {
             Ok(0) => {}
             Ok(forgotten) => {
                 tracing::info!(
@@ -309,7 +339,7 @@ impl Consumer {
         reason: &'static str,
         detail: &str,
     ) -> anyhow::Result<()> {
-        redis::dead_letter(&self.redis, entry, reason, detail).await?;
+        redis::dead_letter(&self.redis, redis::REFRESH, entry, reason, detail).await?;
         self.metrics
             .stream_entries
             .with_label_values(&["dead_lettered"])
@@ -495,7 +525,7 @@ impl Consumer {
         if !markers.is_empty() {
             let _: Result<i64, _> = self.redis.del(markers).await;
         }
-        let acked = redis::ack(&self.redis, lane.stream, acks).await?;
+        let acked = redis::ack(&self.redis, redis::REFRESH.name, lane.stream, acks).await?;
         for outcome in settled
             .into_values()
             .filter(|s| s.publish)
@@ -538,7 +568,7 @@ impl Consumer {
                 out = &mut work => return out,
                 _ = touch.tick() => {
                     self.liveness.tick();
-                    if let Err(error) = redis::touch(&self.redis, &self.name, stream, &ids, self.claim_idle / 4).await {
+                    if let Err(error) = redis::touch(&self.redis, redis::REFRESH.name, &self.name, stream, &ids, self.claim_idle / 4).await {
                         tracing::debug!(error = %error, "could not keep in-flight entries claimed");
                     }
                 }

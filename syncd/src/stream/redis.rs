@@ -1,6 +1,8 @@
 //! The refresh streams' Redis commands and the parsers of their replies: reads, delivery
 //! counts, XAUTOCLAIM with its cursor, keeping in-flight entries claimed, acks, dead letters,
-//! consumer clean-up, and the one XINFO parser (for the gauges and `syncd status`).
+//! consumer clean-up, and the one XINFO parser (for the gauges and `syncd status`). Each
+//! command names its consumer group, so the membership events consumer (`crate::events`)
+//! reads its stream with the same commands.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -43,6 +45,7 @@ pub async fn ensure_groups(redis: &Client) -> anyhow::Result<()> {
 /// `after` (no blocking), or new ones (`after` is `None`, blocking up to `block`).
 pub async fn read(
     reader: &Client,
+    group: &str,
     consumer: &str,
     stream: &str,
     count: u64,
@@ -52,7 +55,7 @@ pub async fn read(
     let block = after.is_none().then_some(block.as_millis() as u64);
     let reply: Value = reader
         .xreadgroup(
-            keys::REFRESH_GROUP,
+            group,
             consumer,
             Some(count),
             block,
@@ -68,6 +71,7 @@ pub async fn read(
 /// ("0-0" once the whole pending list was scanned).
 pub async fn autoclaim(
     redis: &Client,
+    group: &str,
     consumer: &str,
     stream: &str,
     idle: Duration,
@@ -76,7 +80,7 @@ pub async fn autoclaim(
 ) -> anyhow::Result<(String, Vec<Entry>)> {
     let args: Vec<Value> = vec![
         stream.into(),
-        keys::REFRESH_GROUP.into(),
+        group.into(),
         consumer.into(),
         (idle.as_millis() as i64).into(),
         cursor.into(),
@@ -101,6 +105,7 @@ pub async fn autoclaim(
 /// How often each entry was delivered (XPENDING over the entries' id range, numerically).
 pub async fn delivery_counts(
     redis: &Client,
+    group: &str,
     consumer: &str,
     stream: &str,
     entries: &[Entry],
@@ -115,7 +120,7 @@ pub async fn delivery_counts(
     let reply: Value = redis
         .xpending(
             stream,
-            keys::REFRESH_GROUP,
+            group,
             (first, last, entries.len() as u64 * 2, consumer),
         )
         .await?;
@@ -142,6 +147,7 @@ fn parse_pending(reply: Value) -> HashMap<String, u64> {
 /// entries idle for less than `min_idle` (just claimed by a peer) are left alone.
 pub async fn touch(
     redis: &Client,
+    group: &str,
     consumer: &str,
     stream: &str,
     ids: &[&str],
@@ -152,7 +158,7 @@ pub async fn touch(
     }
     let mut args: Vec<Value> = vec![
         stream.into(),
-        keys::REFRESH_GROUP.into(),
+        group.into(),
         consumer.into(),
         (min_idle.as_millis() as i64).into(),
     ];
@@ -162,18 +168,32 @@ pub async fn touch(
     Ok(())
 }
 
-pub async fn ack(redis: &Client, stream: &str, ids: Vec<&str>) -> anyhow::Result<u64> {
+pub async fn ack(redis: &Client, group: &str, stream: &str, ids: Vec<&str>) -> anyhow::Result<u64> {
     if ids.is_empty() {
         return Ok(0);
     }
-    let n: i64 = redis.xack(stream, keys::REFRESH_GROUP, ids).await?;
+    let n: i64 = redis.xack(stream, group, ids).await?;
     Ok(n.max(0) as u64)
 }
 
-/// Moves `entry` to the dead-letter stream (with where it came from, why, and the detail),
-/// then acknowledges it.
+/// A consumer group and the dead-letter stream of what it cannot handle.
+#[derive(Clone, Copy, Debug)]
+pub struct Group {
+    pub name: &'static str,
+    pub dead_letters: &'static str,
+}
+
+/// The refresh streams' group.
+pub const REFRESH: Group = Group {
+    name: keys::REFRESH_GROUP,
+    dead_letters: keys::REFRESH_STREAM_DEAD,
+};
+
+/// Moves `entry` to the group's dead-letter stream (with where it came from, why, and the
+/// detail), then acknowledges it.
 pub async fn dead_letter(
     redis: &Client,
+    group: Group,
     entry: &Entry,
     reason: &str,
     detail: &str,
@@ -183,17 +203,27 @@ pub async fn dead_letter(
     fields.push(("source_id".to_owned(), entry.id.clone()));
     fields.push(("reason".to_owned(), reason.to_owned()));
     fields.push(("detail".to_owned(), detail.to_owned()));
-    // Bounded: the newest entries are what an operator reads; the count is in the metrics.
+    add_dead_letter(redis, group.dead_letters, fields).await?;
+    ack(redis, group.name, &entry.stream, vec![entry.id.as_str()]).await?;
+    Ok(())
+}
+
+/// Appends `fields` to the dead-letter stream `dead_letters`. Bounded: the newest entries are
+/// what an operator reads; the count is in the metrics.
+pub async fn add_dead_letter(
+    redis: &Client,
+    dead_letters: &str,
+    fields: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let _: String = redis
         .xadd(
-            keys::REFRESH_STREAM_DEAD,
+            dead_letters,
             false,
             ("MAXLEN", "~", DEAD_LETTER_MAX_LEN),
             "*",
             fields,
         )
         .await?;
-    ack(redis, &entry.stream, vec![entry.id.as_str()]).await?;
     Ok(())
 }
 
@@ -202,11 +232,12 @@ pub async fn dead_letter(
 /// many.
 pub async fn forget_idle_consumers(
     redis: &Client,
+    group: &str,
     stream: &str,
     keep: &str,
     idle: Duration,
 ) -> anyhow::Result<usize> {
-    let reply: Value = redis.xinfo_consumers(stream, keys::REFRESH_GROUP).await?;
+    let reply: Value = redis.xinfo_consumers(stream, group).await?;
     let Value::Array(consumers) = reply else {
         return Ok(0);
     };
@@ -223,7 +254,7 @@ pub async fn forget_idle_consumers(
             get("pending") == Some(0) && get("idle").is_some_and(|ms| ms > idle.as_millis() as i64);
         if name != keep && stale {
             let _: i64 = redis
-                .xgroup_delconsumer(stream, keys::REFRESH_GROUP, name.as_str())
+                .xgroup_delconsumer(stream, group, name.as_str())
                 .await?;
             forgotten += 1;
         }
@@ -239,15 +270,21 @@ pub struct GroupInfo {
     pub lag: Option<i64>,
 }
 
-/// Reads `XINFO GROUPS` of `stream`: the one parser of it, for the gauges and `syncd status`.
+/// Reads `XINFO GROUPS` of `stream` for the refresh streams' group: the one parser of it, for
+/// the gauges and `syncd status`.
 pub async fn group_info(redis: &Client, stream: &str) -> GroupInfo {
+    group_info_of(redis, stream, keys::REFRESH_GROUP).await
+}
+
+/// `group_info` for any group.
+pub async fn group_info_of(redis: &Client, stream: &str, group: &str) -> GroupInfo {
     match redis.xinfo_groups::<Value, _>(stream).await {
-        Ok(reply) => parse_group_info(reply),
+        Ok(reply) => parse_group_info(reply, group),
         Err(_) => GroupInfo::default(),
     }
 }
 
-fn parse_group_info(reply: Value) -> GroupInfo {
+fn parse_group_info(reply: Value, group_name: &str) -> GroupInfo {
     let Value::Array(groups) = reply else {
         return GroupInfo::default();
     };
@@ -255,7 +292,7 @@ fn parse_group_info(reply: Value) -> GroupInfo {
         let Ok(info) = group.convert::<HashMap<String, Value>>() else {
             continue;
         };
-        if info.get("name").and_then(Value::as_string).as_deref() == Some(keys::REFRESH_GROUP) {
+        if info.get("name").and_then(Value::as_string).as_deref() == Some(group_name) {
             let get = |name: &str| info.get(name).and_then(|v| v.clone().convert::<i64>().ok());
             return GroupInfo {
                 pending: get("pending"),
@@ -408,7 +445,10 @@ mod tests {
                 Value::Integer(4),
             ])
         };
-        let info = parse_group_info(Value::Array(vec![group("other", 1), group("syncd", 2)]));
+        let info = parse_group_info(
+            Value::Array(vec![group("other", 1), group("syncd", 2)]),
+            keys::REFRESH_GROUP,
+        );
         assert_eq!(
             info,
             GroupInfo {
@@ -416,6 +456,9 @@ mod tests {
                 lag: Some(4)
             }
         );
-        assert_eq!(parse_group_info(Value::Null), GroupInfo::default());
+        assert_eq!(
+            parse_group_info(Value::Null, keys::REFRESH_GROUP),
+            GroupInfo::default()
+        );
     }
 }

@@ -4,6 +4,7 @@
 mod consumer;
 mod database;
 mod end_to_end;
+mod events;
 mod healing;
 mod helpers;
 mod inspect;

@@ -1,0 +1,196 @@
+//! The membership events settings (`MAX_UPDATES_MODE` and the settings of each mode), flattened
+//! into `syncd run`'s configuration, and their start-up checks.
+
+use std::net::SocketAddr;
+
+use clap::{Args, ValueEnum};
+use secrecy::{ExposeSecret, SecretString};
+use shared::config::parse_secret;
+
+/// How MAX membership events reach syncd (one mode per deployment, see SPEC §10).
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpdatesMode {
+    /// No events: counts come from polling only.
+    #[default]
+    Off,
+    /// MAX POSTs each update to `/max/updates` on `SYNCD_WEBHOOK_ADDR`.
+    Webhook,
+    /// Long-poll `GET /updates` (not built yet: start-up refuses it).
+    Poll,
+    /// Another service adds each raw update to the Redis stream `MAX_UPDATES_STREAM`.
+    Stream,
+}
+
+impl UpdatesMode {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Webhook => "webhook",
+            Self::Poll => "poll",
+            Self::Stream => "stream",
+        }
+    }
+}
+
+/// The membership events intake (`crate::events`).
+#[derive(Args, Debug, Clone)]
+pub struct EventsArgs {
+    /// How MAX membership events reach syncd: off, webhook (POST /max/updates on
+    /// SYNCD_WEBHOOK_ADDR), poll (not built yet: start-up refuses it) or stream (another
+    /// service's Redis stream MAX_UPDATES_STREAM)
+    #[arg(long, env = "MAX_UPDATES_MODE", value_enum, default_value_t = UpdatesMode::Off)]
+    pub max_updates_mode: UpdatesMode,
+
+    /// Address of the webhook receiver in webhook mode, never SYNCD_LISTEN_ADDR (TLS on 443 is
+    /// the ingress's)
+    #[arg(long, env = "SYNCD_WEBHOOK_ADDR", default_value = "0.0.0.0:9092")]
+    pub webhook_addr: SocketAddr,
+
+    /// Secret MAX sends in X-Max-Bot-Api-Secret (5-256 of A-Z a-z 0-9 _ -); required in
+    /// webhook mode
+    #[arg(long, env = "MAX_WEBHOOK_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub max_webhook_secret: Option<SecretString>,
+
+    /// Redis stream another service adds each raw MAX update to (field `update`); required in
+    /// stream mode, read in syncd's own consumer group
+    #[arg(long, env = "MAX_UPDATES_STREAM")]
+    pub max_updates_stream: Option<String>,
+}
+
+impl EventsArgs {
+    /// Checks the settings of the mode in force; `listen_addr` is SYNCD_LISTEN_ADDR.
+    pub fn validate(&self, listen_addr: SocketAddr) -> Result<(), String> {
+        match self.max_updates_mode {
+            UpdatesMode::Off => Ok(()),
+            UpdatesMode::Poll => {
+                Err("MAX_UPDATES_MODE=poll is not built yet: use webhook, stream or off".to_owned())
+            }
+            UpdatesMode::Webhook => {
+                if self.webhook_addr == listen_addr {
+                    return Err("SYNCD_WEBHOOK_ADDR must differ from SYNCD_LISTEN_ADDR: the webhook is never served beside /metrics".to_owned());
+                }
+                let Some(secret) = &self.max_webhook_secret else {
+                    return Err(
+                        "MAX_WEBHOOK_SECRET is required when MAX_UPDATES_MODE=webhook".to_owned(),
+                    );
+                };
+                validate_webhook_secret(secret.expose_secret())
+            }
+            UpdatesMode::Stream => match self.max_updates_stream.as_deref().map(str::trim) {
+                None | Some("") => {
+                    Err("MAX_UPDATES_STREAM is required when MAX_UPDATES_MODE=stream".to_owned())
+                }
+                Some(_) => Ok(()),
+            },
+        }
+    }
+}
+
+/// MAX's rule for a subscription secret (`^[a-zA-Z0-9_-]{5,256}$`); the message never repeats
+/// the value.
+fn validate_webhook_secret(secret: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !(5..=256).contains(&secret.len()) || !secret.chars().all(allowed) {
+        return Err(
+            "MAX_WEBHOOK_SECRET must be 5-256 characters of A-Z, a-z, 0-9, _ and -".to_owned(),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::{Cli, Command, RunArgs};
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, String> {
+        let mut argv = vec![
+            "syncd",
+            "run",
+            "--database-url",
+            "postgres://u:p@127.0.0.1/db",
+            "--max-api-token",
+            "t0ken-s3cret",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Run(args) => Ok(*args),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn events_settings_are_checked_for_the_mode_in_force_and_name_their_setting() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.events.max_updates_mode, UpdatesMode::Off);
+        assert_eq!(args.events.webhook_addr.port(), 9092);
+        for (flags, setting) in [
+            (vec!["--max-updates-mode", "poll"], "MAX_UPDATES_MODE"),
+            (vec!["--max-updates-mode", "webhook"], "MAX_WEBHOOK_SECRET"),
+            (
+                vec![
+                    "--max-updates-mode",
+                    "webhook",
+                    "--max-webhook-secret",
+                    "abc",
+                ],
+                "MAX_WEBHOOK_SECRET",
+            ),
+            (
+                vec![
+                    "--max-updates-mode",
+                    "webhook",
+                    "--max-webhook-secret",
+                    "has space",
+                ],
+                "MAX_WEBHOOK_SECRET",
+            ),
+            (
+                vec![
+                    "--max-updates-mode",
+                    "webhook",
+                    "--max-webhook-secret",
+                    "good-secret_1",
+                    "--webhook-addr",
+                    "0.0.0.0:9091",
+                ],
+                "SYNCD_WEBHOOK_ADDR",
+            ),
+            (vec!["--max-updates-mode", "stream"], "MAX_UPDATES_STREAM"),
+        ] {
+            let err = run_args(&flags).unwrap().validate().unwrap_err();
+            assert!(err.contains(setting), "{flags:?}: {err}");
+            assert!(!err.contains("has space") && !err.contains("abc"), "{err}");
+        }
+        let long = "x".repeat(257);
+        let args = run_args(&[
+            "--max-updates-mode",
+            "webhook",
+            "--max-webhook-secret",
+            &long,
+        ]);
+        assert!(args.unwrap().validate().is_err());
+        let args = run_args(&[
+            "--max-updates-mode",
+            "webhook",
+            "--max-webhook-secret",
+            "good-secret_1",
+        ])
+        .unwrap();
+        args.validate().unwrap();
+        assert!(!format!("{args:?}").contains("good-secret_1"));
+        let args = run_args(&[
+            "--max-updates-mode",
+            "stream",
+            "--max-updates-stream",
+            "bot:updates",
+        ]);
+        args.unwrap().validate().unwrap();
+    }
+}
