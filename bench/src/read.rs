@@ -243,8 +243,9 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `chats` rows as the legacy service wrote them (a group's name, a department, a source), with
-/// a synced count each, analysed.
+/// `chats` rows as the legacy service wrote them (a group's name, a department, a source, two or
+/// three administrators each, as its Excel import requires at least two), with a synced count
+/// each, analysed.
 pub async fn seed_chats(db: &sqlx::PgPool, chats: i32) -> anyhow::Result<()> {
     insert_in_bulk(
         db,
@@ -259,12 +260,23 @@ pub async fn seed_chats(db: &sqlx::PgPool, chats: i32) -> anyhow::Result<()> {
     )
     .await?;
     sqlx::query(
+        "insert into administrators (chat_id, phone, max_id, add_user, add_admin) \
+         select c.id, '+7900' || lpad((c.id * 3 + k)::text, 7, '0'), \
+                case when k < 2 then (100000000 + c.id * 3 + k)::text end, true, k = 0 \
+         from chats c cross join lateral generate_series(0, 1 + c.id % 2) k",
+    )
+    .execute(db)
+    .await?;
+    sqlx::query(
         "insert into chat_participants (chat_id, participants_count, participants_updated_at, sync_status, checked_at) \
          select id, participants_count, now(), 'active', now() from chats",
     )
     .execute(db)
     .await?;
     sqlx::query("vacuum analyze chats").execute(db).await?;
+    sqlx::query("vacuum analyze administrators")
+        .execute(db)
+        .await?;
     sqlx::query("vacuum analyze chat_participants")
         .execute(db)
         .await?;
@@ -476,10 +488,12 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
         "| api RSS after the load, idle (VmRSS) | {:.1} MB | - | - |",
         rss_loaded as f64 / 1024.0
     );
+    // The 128 MB budget of the chats, plus their administrators packed (two or three a chat,
+    // about 50 bytes each and one allocation a chat: some 24 MB at 150,000 chats).
     println!(
-        "| api RSS under load (largest VmRSS, sampled every 100 ms through the loads above) | {:.1} MB | ≤128 MB | {} |",
+        "| api RSS under load (largest VmRSS, sampled every 100 ms through the loads above) | {:.1} MB | ≤152 MB (128 MB + 24 MB of administrators) | {} |",
         rss_under_load as f64 / 1024.0,
-        met(rss_under_load <= 128 * 1024)
+        met(rss_under_load <= 152 * 1024)
     );
     println!(
         "| api peak RSS since start, including the load of every chat (VmHWM) | {:.1} MB | - | - |",

@@ -20,6 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use parking_lot::{Mutex, RwLock};
 
+mod admins;
 mod change;
 mod order;
 pub mod postgres;
@@ -29,6 +30,7 @@ pub mod search;
 mod slots;
 pub mod sync;
 
+use admins::Admins;
 pub use change::{Applied, Delta, TextOrder};
 use order::Order;
 pub use postgres::ChatRecord;
@@ -105,10 +107,16 @@ impl ReadModel {
             .send_if_modified(|loaded| !std::mem::replace(loaded, true));
     }
 
-    /// What the model holds, for the load's log line: chats, bytes of text, trigram postings.
+    /// What the model holds, for the load's log line: chats, bytes of text (administrators'
+    /// included), trigram postings.
     pub fn footprint(&self) -> Option<(usize, usize, usize)> {
         self.read(|model| {
-            let text: usize = model.entries.iter().flatten().map(|e| e.texts.len()).sum();
+            let text: usize = model
+                .entries
+                .iter()
+                .flatten()
+                .map(|e| e.texts.len() + e.admins.size())
+                .sum();
             (model.n_live, text, model.index.size().0)
         })
     }
@@ -301,6 +309,8 @@ struct Entry {
     ends: [u32; N_TEXTS],
     /// Bit `i` is set when text `i` is NULL rather than empty.
     nulls: u8,
+    /// Its rows of `administrators`, in the order they are shown.
+    admins: Admins,
 }
 
 impl Entry {
@@ -341,6 +351,7 @@ impl Entry {
             texts: buffer.into_boxed_str(),
             ends,
             nulls,
+            admins: Admins::pack(&record.administrators),
         }
     }
 
@@ -376,6 +387,7 @@ impl Entry {
             updated_at: self.updated_at.get(),
             participants_updated_at: self.participants_updated_at.get(),
             sync_status: self.owned(Text::SyncStatus),
+            administrators: self.admins.unpack(),
         }
     }
 }
@@ -822,11 +834,13 @@ mod tests {
                 updated_at: None,
                 participants_updated_at: None,
                 sync_status: None,
+                administrators: Vec::new(),
             },
             document: format!("{} -{id} admin_panel", name.to_lowercase()),
             version: RowVersion {
                 chat_version: 1,
                 sync_version: None,
+                admins_version: None,
             },
         }
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::TryStreamExt;
 use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgTypeInfo, PgValueFormat, PgValueRef};
+use sqlx::postgres::{PgHasArrayType, PgTypeInfo, PgValueFormat, PgValueRef};
 use sqlx::{Decode, PgConnection, Postgres, Transaction, ValueRef};
 
 use super::query::SortColumn;
@@ -26,7 +26,43 @@ const LOWERED_DOCUMENT: &str = "lower(coalesce(c.name, '') || ' ' || coalesce(c.
 const RECORD_COLUMNS: &str = "c.id, c.name, c.url, c.max_chat_id, c.external_chat_id, \
      c.participants_count, c.university_id, c.department, c.source, c.created_at, c.updated_at, \
      p.participants_updated_at, p.sync_status, \
-     c.xmin::text::bigint as chat_version, p.xmin::text::bigint as sync_version";
+     c.xmin::text::bigint as chat_version, p.xmin::text::bigint as sync_version, \
+     a.admin_ids, a.admin_phones, a.admin_max_ids, a.admin_add_users, a.admin_add_admins, \
+     a.admin_created_at, a.admin_updated_at, a.admins_version";
+
+/// The version of a chat's administrators (rows `ad`): the sum of a 44-bit hash of each row's
+/// id and the transaction that last wrote it (`xmin`), NULL when it has none. Any insert,
+/// update or delete of one changes it but for a hash collision (about one in 2^44 per change);
+/// 44 bits keep the sum within a bigint for up to 2^19 administrators of one chat.
+macro_rules! admins_version {
+    () => {
+        "sum(hashtextextended(ad.id::text || ':' || ad.xmin::text, 0) >> 20)::bigint"
+    };
+}
+
+/// A chat's rows of `administrators`, as the columns of `RECORD_COLUMNS` (alias `a`): one array
+/// per column in the legacy's order (`order by created_at`, ties broken by id), all NULL when
+/// it has none, and their version (`admins_version!`). One descent of
+/// `idx_administrators_chat_id` per chat.
+const ADMINS_JOIN: &str = concat!(
+    "left join lateral (select ",
+    "array_agg(ad.id order by ad.created_at, ad.id) as admin_ids, ",
+    "array_agg(ad.phone order by ad.created_at, ad.id) as admin_phones, ",
+    "array_agg(ad.max_id order by ad.created_at, ad.id) as admin_max_ids, ",
+    "array_agg(ad.add_user order by ad.created_at, ad.id) as admin_add_users, ",
+    "array_agg(ad.add_admin order by ad.created_at, ad.id) as admin_add_admins, ",
+    "array_agg(ad.created_at order by ad.created_at, ad.id) as admin_created_at, ",
+    "array_agg(ad.updated_at order by ad.created_at, ad.id) as admin_updated_at, ",
+    admins_version!(),
+    " as admins_version from administrators ad where ad.chat_id = c.id) a on true"
+);
+
+/// Every chat's administrators' version (alias `a`, by `chat_id`), for reconciliation.
+const ADMINS_VERSIONS_JOIN: &str = concat!(
+    "left join (select ad.chat_id, ",
+    admins_version!(),
+    " as admins_version from administrators ad group by ad.chat_id) a on a.chat_id = c.id"
+);
 
 /// One chat row with its sync state, as the read model holds it.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
@@ -49,6 +85,81 @@ pub struct ChatRecord {
     pub participants_updated_at: Option<DateTime<Utc>>,
     /// `active`, or why syncd stopped asking MAX about this chat; `None` if never synced.
     pub sync_status: Option<String>,
+    /// The chat's rows of `administrators` ordered by `created_at` (ties by id); empty when
+    /// it has none. Filled from `AdminColumns` after decoding.
+    #[sqlx(skip)]
+    pub administrators: Vec<AdministratorRecord>,
+}
+
+/// One row of `administrators`, as the legacy service showed it with its chat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdministratorRecord {
+    pub id: i32,
+    pub phone: String,
+    pub max_id: Option<String>,
+    pub add_user: Option<bool>,
+    pub add_admin: Option<bool>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// A chat's administrators as `ADMINS_JOIN` aggregates them: one array per column, each in
+/// the same order, all NULL when the chat has none.
+#[derive(Debug, Default, sqlx::FromRow)]
+pub struct AdminColumns {
+    pub admin_ids: Option<Vec<i32>>,
+    pub admin_phones: Option<Vec<String>>,
+    pub admin_max_ids: Option<Vec<Option<String>>>,
+    pub admin_add_users: Option<Vec<Option<bool>>>,
+    pub admin_add_admins: Option<Vec<Option<bool>>>,
+    pub admin_created_at: Option<Vec<Timestamptz>>,
+    pub admin_updated_at: Option<Vec<Timestamptz>>,
+}
+
+impl AdminColumns {
+    /// The rows the arrays hold. Arrays of one aggregate have one length; a shorter one
+    /// (never sent) would end the list at its length.
+    fn into_records(self) -> Vec<AdministratorRecord> {
+        let (
+            Some(ids),
+            Some(phones),
+            Some(max_ids),
+            Some(users),
+            Some(admins),
+            Some(created),
+            Some(updated),
+        ) = (
+            self.admin_ids,
+            self.admin_phones,
+            self.admin_max_ids,
+            self.admin_add_users,
+            self.admin_add_admins,
+            self.admin_created_at,
+            self.admin_updated_at,
+        )
+        else {
+            return Vec::new();
+        };
+        ids.into_iter()
+            .zip(phones)
+            .zip(max_ids)
+            .zip(users.into_iter().zip(admins))
+            .zip(created.into_iter().zip(updated))
+            .map(
+                |((((id, phone), max_id), (add_user, add_admin)), (created_at, updated_at))| {
+                    AdministratorRecord {
+                        id,
+                        phone,
+                        max_id,
+                        add_user,
+                        add_admin,
+                        created_at: created_at.0,
+                        updated_at: updated_at.0,
+                    }
+                },
+            )
+            .collect()
+    }
 }
 
 /// Microseconds from the Unix epoch to Postgres' (2000-01-01).
@@ -100,6 +211,16 @@ impl sqlx::Type<Postgres> for Timestamptz {
     }
 }
 
+impl PgHasArrayType for Timestamptz {
+    fn array_type_info() -> PgTypeInfo {
+        <DateTime<Utc> as PgHasArrayType>::array_type_info()
+    }
+
+    fn array_compatible(ty: &PgTypeInfo) -> bool {
+        <DateTime<Utc> as PgHasArrayType>::array_compatible(ty)
+    }
+}
+
 impl<'r> Decode<'r, Postgres> for Timestamptz {
     fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
         if value.is_null() {
@@ -124,22 +245,53 @@ impl<'r> Decode<'r, Postgres> for Timestamptz {
     }
 }
 
-/// A row as loaded: the record, its lowered search text, and its version.
-#[derive(Debug, sqlx::FromRow)]
+/// A row as loaded: the record (with its administrators), its lowered search text, and its
+/// version.
+#[derive(Debug)]
 pub struct LoadedRow {
-    #[sqlx(flatten)]
     pub record: ChatRecord,
     pub document: String,
-    #[sqlx(flatten)]
     pub version: RowVersion,
 }
 
-/// The transaction ids that last wrote a chat's two rows. Any write to either row changes it,
-/// so equal versions mean equal rows; only equality is compared, so xid wraparound is harmless.
+/// A row as Postgres sends it: the administrators still in their arrays.
+#[derive(Debug, sqlx::FromRow)]
+struct RawRow {
+    #[sqlx(flatten)]
+    record: ChatRecord,
+    document: String,
+    #[sqlx(flatten)]
+    version: RowVersion,
+    #[sqlx(flatten)]
+    admins: AdminColumns,
+}
+
+impl From<RawRow> for LoadedRow {
+    fn from(row: RawRow) -> Self {
+        let RawRow {
+            mut record,
+            document,
+            version,
+            admins,
+        } = row;
+        record.administrators = admins.into_records();
+        LoadedRow {
+            record,
+            document,
+            version,
+        }
+    }
+}
+
+/// The transaction ids that last wrote a chat's two rows, and its administrators' version.
+/// Any write to one of them changes it, so equal versions mean equal rows; only equality is
+/// compared, so xid wraparound is harmless.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct RowVersion {
     pub chat_version: i64,
     pub sync_version: Option<i64>,
+    /// See `admins_version!`; `None` when the chat has no administrators.
+    pub admins_version: Option<i64>,
 }
 
 /// A chat's id with its version.
@@ -182,9 +334,9 @@ pub async fn load_all(
 ) -> Result<(), sqlx::Error> {
     let sql = format!(
         "select {RECORD_COLUMNS}, {LOWERED_DOCUMENT} as document \
-         from chats c left join chat_participants p on p.chat_id = c.id"
+         from chats c left join chat_participants p on p.chat_id = c.id {ADMINS_JOIN}"
     );
-    let mut rows = sqlx::query_as::<_, LoadedRow>(&sql).fetch(&mut *conn);
+    let mut rows = sqlx::query_as::<_, RawRow>(&sql).fetch(&mut *conn);
     loop {
         let next = tokio::time::timeout(row_deadline, rows.try_next())
             .await
@@ -195,7 +347,7 @@ pub async fn load_all(
                 ))
             })?;
         match next? {
-            Some(row) => sink(row),
+            Some(row) => sink(row.into()),
             None => return Ok(()),
         }
     }
@@ -205,9 +357,11 @@ pub async fn load_all(
 pub async fn load_ids(conn: &mut PgConnection, ids: &[i32]) -> Result<Vec<LoadedRow>, sqlx::Error> {
     let sql = format!(
         "select {RECORD_COLUMNS}, {LOWERED_DOCUMENT} as document \
-         from chats c left join chat_participants p on p.chat_id = c.id where c.id = any($1)"
+         from chats c left join chat_participants p on p.chat_id = c.id {ADMINS_JOIN} \
+         where c.id = any($1)"
     );
-    sqlx::query_as(&sql).bind(ids).fetch_all(conn).await
+    let rows: Vec<RawRow> = sqlx::query_as(&sql).bind(ids).fetch_all(conn).await?;
+    Ok(rows.into_iter().map(LoadedRow::from).collect())
 }
 
 /// Every chat's id in the order of `order by <column>, id` under the database's collation: how
@@ -280,11 +434,13 @@ pub async fn versions(
     conn: &mut PgConnection,
     mut sink: impl FnMut(VersionedId),
 ) -> Result<(), sqlx::Error> {
-    let mut rows = sqlx::query_as::<_, VersionedId>(
-        "select c.id, c.xmin::text::bigint as chat_version, p.xmin::text::bigint as sync_version \
-         from chats c left join chat_participants p on p.chat_id = c.id order by c.id",
-    )
-    .fetch(conn);
+    let sql = format!(
+        "select c.id, c.xmin::text::bigint as chat_version, p.xmin::text::bigint as sync_version, \
+           a.admins_version \
+         from chats c left join chat_participants p on p.chat_id = c.id \
+         {ADMINS_VERSIONS_JOIN} order by c.id"
+    );
+    let mut rows = sqlx::query_as::<_, VersionedId>(&sql).fetch(conn);
     while let Some(row) = rows.try_next().await? {
         sink(row);
     }

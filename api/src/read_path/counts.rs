@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use shared::counts::{age, CachedCount};
 use shared::ids::MaxChatId;
 
-use super::view::{ChatView, ParticipantsSource};
+use super::view::{AdministratorView, ChatView, ParticipantsSource};
 use crate::read_model::ChatRecord;
 
 /// The knobs of the choice.
@@ -96,8 +96,9 @@ pub fn enrich(
             external_chat_id: row.external_chat_id,
             participants_count: count,
             university_id: row.university_id,
-            department: row.department,
+            department: row.department.filter(|department| !department.is_empty()),
             source: row.source,
+            administrators: AdministratorView::list(row.id, row.administrators),
             created_at: row.created_at,
             updated_at: row.updated_at,
             participants_source: source,
@@ -132,6 +133,7 @@ mod tests {
             updated_at: None,
             participants_updated_at: synced,
             sync_status: synced.map(|_| "active".to_owned()),
+            administrators: Vec::new(),
         }
     }
 

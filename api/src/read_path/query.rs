@@ -5,7 +5,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::error::ApiError;
-pub use crate::read_model::query::{ListQuery, SortColumn, SortOrder};
+pub use crate::read_model::query::{search_words, ListQuery, SortColumn, SortOrder};
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 100;
@@ -27,7 +27,9 @@ pub struct ListParams {
     pub sort_by: Option<String>,
     /// asc or desc; anything else means asc
     pub sort_order: Option<String>,
-    /// Words that must all occur, case-insensitively, in name, department, max_chat_id or source
+    /// Words that must all occur, case-insensitively, in name, department, max_chat_id or
+    /// source. Every character that is not a letter or a digit separates words (`ИВТ-21` is
+    /// `ИВТ` and `21`; `%` and `_` are never wildcards); a search with no words filters nothing
     pub search: Option<String>,
     /// false: serve the counts stored in Postgres (`participants_source: database`) and
     /// enqueue no refresh; absent or true: the cached counts, refreshed when stale
@@ -102,13 +104,7 @@ impl ListQuery {
             Some(text) if text.eq_ignore_ascii_case("desc") => SortOrder::Desc,
             _ => SortOrder::Asc,
         };
-        let words: Vec<String> = params
-            .search
-            .as_deref()
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
+        let words = search_words(params.search.as_deref().unwrap_or_default());
         if words.len() > MAX_SEARCH_WORDS {
             return Err(ApiError::BadRequest(format!(
                 "search may have at most {MAX_SEARCH_WORDS} words"
@@ -226,13 +222,13 @@ mod tests {
     }
 
     #[test]
-    fn search_splits_on_whitespace() {
+    fn search_splits_as_the_legacy_did() {
         let query = ListQuery::parse(&ListParams {
-            search: Some("  Math\t2024 \n".into()),
+            search: Some("  Math\t2024 ИВТ-21 100% \\ \n".into()),
             ..ListParams::default()
         })
         .unwrap();
-        assert_eq!(query.words, vec!["Math", "2024"]);
+        assert_eq!(query.words, vec!["Math", "2024", "ИВТ", "21", "100"]);
     }
 
     #[test]

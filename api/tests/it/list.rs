@@ -25,7 +25,11 @@ async fn list_has_the_legacy_shape_and_defaults() {
     assert_eq!(chat["name"], "Алгебра");
     assert_eq!(chat["url"], "https://max.ru/join/Алгебра");
     assert_eq!(chat["max_chat_id"], "-70000000000005");
-    assert_eq!(chat["external_chat_id"], serde_json::Value::Null);
+    // Left out when NULL, as the legacy's `omitempty` did; a chat without administrators has
+    // `administrators: null` (a Go nil slice).
+    assert!(chat.get("external_chat_id").is_none(), "{chat}");
+    assert_eq!(chat["administrators"], serde_json::Value::Null);
+    assert!(chat.get("administrators").is_some(), "{chat}");
     assert_eq!(chat["participants_count"], 31);
     assert_eq!(chat["university_id"], 3);
     assert_eq!(chat["department"], "Мехмат");
@@ -240,7 +244,7 @@ async fn every_search_word_must_match_some_column() {
 }
 
 #[tokio::test]
-async fn percent_and_underscore_in_a_search_are_literals() {
+async fn search_words_are_split_as_the_legacy_split_them() {
     let app = TestApp::spawn().await;
     let percent = app
         .insert_chat(NewChat {
@@ -254,30 +258,145 @@ async fn percent_and_underscore_in_a_search_are_literals() {
             ..NewChat::default()
         })
         .await;
-    app.insert_chat(NewChat {
-        name: "groupXa 50 and more",
-        ..NewChat::default()
-    })
-    .await;
-    app.insert_chat(NewChat {
-        name: "back\\slash",
-        ..NewChat::default()
-    })
-    .await;
+    let fifty = app
+        .insert_chat(NewChat {
+            name: "groupXa 50 and more",
+            ..NewChat::default()
+        })
+        .await;
+    let slash = app
+        .insert_chat(NewChat {
+            name: "back\\slash",
+            ..NewChat::default()
+        })
+        .await;
+    let ivt = app
+        .insert_chat(NewChat {
+            name: "ИВТ 21 поток",
+            ..NewChat::default()
+        })
+        .await;
 
+    // `50%` is the word `50`: every name with 50, not only the one with a literal `50%`.
     assert_eq!(
-        ids(&app.get_json("/chats/all?search=50%25").await),
-        [percent].map(i64::from)
+        ids(&app.get_json("/chats/all?search=50%25&sort_by=id").await),
+        [percent, fifty].map(i64::from)
     );
+    // `ИВТ-21` is `ИВТ` and `21`, wherever each occurs.
     assert_eq!(
-        ids(&app.get_json("/chats/all?search=p_a").await),
-        [underscore].map(i64::from)
+        ids(&app
+            .get_json(&format!("/chats/all?search={}", urlencode("ИВТ-21")))
+            .await),
+        [ivt].map(i64::from)
     );
-    assert_eq!(app.get_json("/chats/all?search=%25").await["total"], 1);
-    // Every row's source (admin_panel) holds an underscore, so `_` alone matches them all,
-    // while `p_a` above matched only the one name with a literal underscore.
-    assert_eq!(app.get_json("/chats/all?search=_").await["total"], 4);
-    assert_eq!(app.get_json("/chats/all?search=k%5Cs").await["total"], 1);
+    // `group_a` is `group` and `a`: both rows named group…a.
+    assert_eq!(
+        ids(&app.get_json("/chats/all?search=group_a&sort_by=id").await),
+        [underscore, fifty].map(i64::from)
+    );
+    // `k\s` is `k` and `s`.
+    assert_eq!(
+        ids(&app.get_json("/chats/all?search=k%5Cs").await),
+        [slash].map(i64::from)
+    );
+    // A search without words filters nothing.
+    for nothing in ["%25", "_", "%5C", "--", "%25_%20"] {
+        assert_eq!(
+            app.get_json(&format!("/chats/all?search={nothing}")).await["total"],
+            5,
+            "{nothing}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn each_chat_carries_its_administrators_and_only_the_legacy_keys() {
+    let app = TestApp::spawn().await;
+    let with = app
+        .insert_chat(NewChat {
+            name: "with admins",
+            department: Some(""),
+            ..NewChat::default()
+        })
+        .await;
+    let without = app
+        .insert_chat(NewChat {
+            name: "without",
+            university_id: Some(4),
+            department: Some("Мехмат"),
+            ..NewChat::default()
+        })
+        .await;
+    sqlx::query(
+        "insert into administrators (chat_id, phone, max_id, add_user, add_admin, created_at, updated_at) values \
+         ($1, '+79000000002', null, true, false, '2025-03-01 10:00:00+03', '2025-03-02 10:00:00+00'), \
+         ($1, '+79000000001', '777', false, true, '2025-01-01 00:00:00.5+00', 'infinity')",
+    )
+    .bind(with)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query("update chats set external_chat_id = 'x-1' where id = $1")
+        .bind(with)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    app.settle().await;
+
+    let page = app.get_json("/chats/all?sort_by=id").await;
+    let chat = &page["data"][0];
+    assert_eq!(chat["id"], with);
+    assert_eq!(chat["external_chat_id"], "x-1");
+    assert!(chat.get("university_id").is_none(), "{chat}");
+    assert!(
+        chat.get("department").is_none(),
+        "empty is left out: {chat}"
+    );
+    let admins = chat["administrators"].as_array().expect("an array");
+    assert_eq!(admins.len(), 2);
+    // Ordered by created_at: the second row inserted comes first.
+    assert_eq!(admins[0]["phone"], "+79000000001");
+    assert_eq!(admins[0]["max_id"], "777");
+    assert_eq!(admins[0]["add_user"], false);
+    assert_eq!(admins[0]["add_admin"], true);
+    assert_eq!(admins[0]["chat_id"], with);
+    assert_eq!(admins[0]["created_at"], "2025-01-01T00:00:00.500Z");
+    assert_eq!(admins[0]["updated_at"], "9999-12-31T23:59:59.999999Z");
+    assert_eq!(admins[1]["phone"], "+79000000002");
+    assert_eq!(admins[1]["max_id"], "", "NULL is \"\"");
+    assert_eq!(admins[1]["created_at"], "2025-03-01T07:00:00Z");
+    let mut keys: Vec<&str> = admins[1]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "add_admin",
+            "add_user",
+            "chat_id",
+            "created_at",
+            "id",
+            "max_id",
+            "phone",
+            "updated_at"
+        ]
+    );
+
+    let other = &page["data"][1];
+    assert_eq!(other["id"], without);
+    assert_eq!(other["administrators"], serde_json::Value::Null);
+    assert!(other.get("administrators").is_some(), "{other}");
+    assert_eq!(other["university_id"], 4);
+    assert_eq!(other["department"], "Мехмат");
+    assert!(other.get("external_chat_id").is_none(), "{other}");
+
+    // GET /chats/{id} is the same chat.
+    let one = app.get_json(&format!("/chats/{with}")).await;
+    assert_eq!(one["administrators"], chat["administrators"]);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod auth;
 mod faults;
 mod helpers;
 mod lazy;
+mod legacy_compat;
 mod limits;
 mod list;
 mod logs;

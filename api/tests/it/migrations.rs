@@ -527,40 +527,76 @@ async fn two_migrations_started_together_both_finish_and_leave_valid_indexes() {
     );
 }
 
-/// README "Rollback": the previous release (2718a4a, like every release before this one, has a
-/// strict migrator) runs on this release's database, and the roll forward is a no-op. This is
-/// why this release adds no migration: any new one would stop the previous release's init
-/// container. Once the release before is tolerant, a new migration may land again.
+/// The migrations of release bc91bf5 (`git show bc91bf5:migrations/…`), the release before
+/// this one and the first whose `api migrate` keeps a migration it does not know.
+static RELEASE_BC91BF5: sqlx::migrate::Migrator =
+    sqlx::migrate!("tests/it/fixtures/migrations_bc91bf5");
+
+/// README "Rollback": this release adds a migration (20261207000001, the administrators'
+/// notifier), which the previous release, bc91bf5, does not know. Its `api migrate` (the same
+/// `rollback_safe` migrator as this release's, run on its own set) keeps it and succeeds on
+/// this release's database, and the roll forward is a no-op. A strict migrator (every release
+/// before bc91bf5) refuses that database, which is why no migration could land while the
+/// release before was strict.
 #[tokio::test]
-async fn the_previous_strict_release_migrates_this_releases_database() {
-    let migrations = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
-    // The previous release's set, run as it ran it: strict, after repairing 20261122000004 to
-    // its text.
-    let strict = sqlx::migrate::Migrator::new(std::path::Path::new(migrations))
-        .await
-        .unwrap();
+async fn the_previous_release_migrates_this_releases_database_and_keeps_its_new_migration() {
+    let lock_timeout = api::MIGRATE_LOCK_TIMEOUT;
+    let added: Vec<i64> = shared::db::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| RELEASE_BC91BF5.iter().all(|m| m.version != *v))
+        .collect();
+    assert_eq!(added, vec![20261207000001], "this release's new migrations");
+
     let pg = testkit::PgServer::start();
     let args = serve_args(&pg, "redis://127.0.0.1:1");
     api::migrate(&args.database).await.expect("this release");
-    let (version, first) = shared::db::REWRITTEN_MIGRATIONS[0];
-    let text: String = strict
-        .iter()
-        .find(|m| m.version == version)
-        .map(|m| m.checksum.iter().map(|b| format!("{b:02x}")).collect())
-        .unwrap();
-    pg.psql(
-        "postgres",
-        &format!(
-            "update _sqlx_migrations set checksum = decode('{text}', 'hex') \
-             where version = {version} and checksum = decode('{first}', 'hex')"
-        ),
-    );
+    let applied = "select string_agg(version::text, ',' order by version) from _sqlx_migrations";
+    let before = pg.psql("postgres", applied);
+
+    // A strict migrator of the previous set stops at the migration it does not know.
+    let mut strict = shared::db::rollback_safe(&RELEASE_BC91BF5).await.unwrap();
+    strict.set_ignore_missing(false);
     let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-    strict
+    let refused = strict
         .run(&pool)
         .await
-        .expect("the previous release migrates");
+        .expect_err("a strict release refuses");
+    assert!(
+        matches!(
+            refused,
+            sqlx::migrate::MigrateError::VersionMissing(20261207000001)
+        ),
+        "{refused}"
+    );
     pool.close().await;
+
+    api::migrate::migrate_set(&args.database, lock_timeout, &RELEASE_BC91BF5)
+        .await
+        .expect("the previous release migrates this release's database (rollback)");
+    assert_eq!(pg.psql("postgres", applied), before, "kept, nothing undone");
+    // The legacy service's writes of administrators go on with the new triggers in place.
+    pg.psql(
+        "postgres",
+        "insert into chats (id, name, url, source) values (1, 'c', 'u', 'admin_panel'); \
+         insert into administrators (chat_id, phone) values (1, '+7900');",
+    );
     api::migrate(&args.database).await.expect("roll forward");
-    assert_eq!(checksum_of(&pg, version), first);
+    assert_eq!(pg.psql("postgres", applied), before);
+
+    // An upgrade from a database the previous release made.
+    let pg = testkit::PgServer::start();
+    let args = serve_args(&pg, "redis://127.0.0.1:1");
+    api::migrate::migrate_set(&args.database, lock_timeout, &RELEASE_BC91BF5)
+        .await
+        .expect("previous release on an empty database");
+    api::migrate(&args.database).await.expect("upgrade");
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "select count(*) from pg_trigger where tgrelid = 'administrators'::regclass \
+             and tgname like 'participants_notify_on_administrators%'"
+        ),
+        "2"
+    );
 }

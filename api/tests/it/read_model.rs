@@ -211,7 +211,11 @@ async fn assert_same_as_postgres(app: &TestApp) {
         "x-y",
         "группа 7",
     ] {
-        let words: Vec<String> = search.split_whitespace().map(like_pattern).collect();
+        // The words as the api splits them (the legacy's split), each matched as `ilike`.
+        let words: Vec<String> = api::read_model::query::search_words(search)
+            .iter()
+            .map(|word| like_pattern(word))
+            .collect();
         let filter: String = (1..=words.len())
             .map(|n| format!(" and {DOCUMENT} ilike ${n}"))
             .collect();
@@ -345,4 +349,163 @@ async fn a_change_whose_notification_is_lost_is_healed_by_reconciliation() {
         app.get_json("/chats/all").await["total"] == 1
     })
     .await;
+}
+
+/// The administrators `GET /chats/{id}` shows, as (phone, max_id) pairs; `None` for `null`.
+async fn administrators(app: &TestApp, id: i32) -> Served {
+    let chat = app.get_json(&format!("/chats/{id}")).await;
+    chat["administrators"].as_array().map(|admins| {
+        admins
+            .iter()
+            .map(|a| {
+                (
+                    a["phone"].as_str().unwrap().to_owned(),
+                    a["max_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    })
+}
+
+type Served = Option<Vec<(String, String)>>;
+
+fn pairs(items: &[(&str, &str)]) -> Served {
+    Some(
+        items
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn administrators_changes_are_served_by_notification() {
+    // Reconciliation is pushed out of the way: only a notification can bring the change.
+    let app = TestApp::spawn_with(|args| {
+        args.read_model_reconcile_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let id = app.insert_chat(Default::default()).await;
+    let other = app
+        .insert_chat(crate::helpers::NewChat {
+            name: "other",
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(administrators(&app, id).await, None);
+    let steps: [(&str, Served, Served); 5] = [
+        (
+            "insert into administrators (chat_id, phone, max_id, created_at) values \
+             ($1, '+7001', null, '2025-01-02'), ($1, '+7002', '42', '2025-01-01')",
+            pairs(&[("+7002", "42"), ("+7001", "")]),
+            None,
+        ),
+        (
+            "update administrators set max_id = '43' where phone = '+7001'",
+            pairs(&[("+7002", "42"), ("+7001", "43")]),
+            None,
+        ),
+        // Moved to another chat: both chats are notified.
+        (
+            "update administrators set chat_id = $2 where chat_id = $1 and phone = '+7002'",
+            pairs(&[("+7001", "43")]),
+            pairs(&[("+7002", "42")]),
+        ),
+        (
+            "delete from administrators where phone = '+7001'",
+            None,
+            pairs(&[("+7002", "42")]),
+        ),
+        ("truncate administrators", None, None),
+    ];
+    for (sql, want, want_other) in steps {
+        let mut query = sqlx::query(sql);
+        if sql.contains("$1") {
+            query = query.bind(id);
+        }
+        if sql.contains("$2") {
+            query = query.bind(other);
+        }
+        query.execute(&app.db).await.unwrap();
+        let written = Instant::now();
+        loop {
+            let served = (
+                administrators(&app, id).await,
+                administrators(&app, other).await,
+            );
+            if served == (want.clone(), want_other.clone()) {
+                break;
+            }
+            assert!(
+                written.elapsed() < Duration::from_secs(5),
+                "{sql}: served {served:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(
+        metric(
+            &app.metrics().await,
+            "participants_read_model_rows_loaded_total{reason=\"reconciled\"}"
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn administrators_changed_unnoticed_are_healed_by_reconciliation() {
+    let app = TestApp::spawn_with(|args| {
+        args.read_model_reconcile_interval = Duration::from_secs(1);
+    })
+    .await;
+    let id = app.insert_chat(Default::default()).await;
+    sqlx::query("insert into administrators (chat_id, phone) values ($1, '+7001')")
+        .bind(id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), || async {
+        administrators(&app, id).await == pairs(&[("+7001", "")])
+    })
+    .await;
+    // As if the notifications never arrived: the trigger does not fire at all.
+    for sql in [
+        "alter table administrators disable trigger participants_notify_on_administrators",
+        "update administrators set max_id = 'unnoticed'",
+        "insert into administrators (chat_id, phone, created_at) values ($1, '+7002', 'infinity')",
+    ] {
+        let mut query = sqlx::query(sql);
+        if sql.contains("$1") {
+            query = query.bind(id);
+        }
+        query.execute(&app.db).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), || async {
+        administrators(&app, id).await == pairs(&[("+7001", "unnoticed"), ("+7002", "")])
+    })
+    .await;
+    sqlx::query("delete from administrators")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), || async {
+        administrators(&app, id).await.is_none()
+    })
+    .await;
+    let reconciled = || async {
+        metric(
+            &app.metrics().await,
+            "participants_read_model_rows_loaded_total{reason=\"reconciled\"}",
+        )
+    };
+    let healed = reconciled().await;
+    assert!(healed >= 2.0, "reconciliation loaded the rows");
+    // The model's versions now equal Postgres': later rounds reload nothing.
+    sqlx::query("insert into administrators (chat_id, phone) values ($1, '+7003')")
+        .bind(id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(reconciled().await, healed + 1.0, "only the new row, once");
 }
