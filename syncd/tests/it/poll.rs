@@ -244,3 +244,42 @@ async fn a_lost_marker_and_a_gap_past_the_retention_are_reported_once() {
     );
     replica.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_webhook_subscription_stops_long_polling_until_it_is_deleted() {
+    let world = World::new(SimConfig::default()).await;
+    let redis = world.redis_client().await;
+    let http = reqwest::Client::new();
+    let subscriptions = format!("http://{}/subscriptions", world.sim_address);
+    let hook = "http://127.0.0.1:1/max/updates";
+    let made = http
+        .post(&subscriptions)
+        .header("Authorization", crate::helpers::TOKEN)
+        .json(&serde_json::json!({"url": hook, "update_types": ["user_added"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(made.status().is_success());
+    let replica = start(&world, "poller-a").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // MAX answers 405 while the subscription exists: no poll is admitted, no marker written.
+    assert_eq!(world.sim.stats().updates_polls, 0);
+    assert_eq!(marker(&redis).await, None);
+    let deleted = http
+        .delete(format!("{subscriptions}?url={hook}"))
+        .header("Authorization", crate::helpers::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    eventually(Duration::from_secs(15), "polling again", || async {
+        marker(&redis).await.is_some()
+    })
+    .await;
+    joins(&world, 1..2);
+    eventually(Duration::from_secs(10), "the join stored", || async {
+        stored_users(&redis).await == vec![1]
+    })
+    .await;
+    replica.stop().await.unwrap();
+}
