@@ -39,7 +39,13 @@ pub fn describe(subscriptions: &[Subscription]) -> String {
     }
     let mut text = String::new();
     for s in subscriptions {
-        let time = chrono::DateTime::from_timestamp_millis(s.time)
+        // The schema says "unix" without a unit; the simulator answers ms.
+        let ms = if s.time < 100_000_000_000 {
+            s.time.saturating_mul(1000)
+        } else {
+            s.time
+        };
+        let time = chrono::DateTime::from_timestamp_millis(ms)
             .map_or_else(|| s.time.to_string(), |t| t.to_rfc3339());
         let types = s
             .update_types
@@ -190,6 +196,11 @@ mod tests {
             &subscription("https://h.example/bot/hook", Some(&all)),
             None
         ));
+        let seconds = Subscription {
+            time: 1_775_000_000,
+            ..ours.clone()
+        };
+        assert!(describe(&[seconds]).contains("\t2026-"));
         let text = describe(&[ours]);
         assert!(
             text.starts_with("https://h.example/max/updates\t2026-"),
