@@ -65,6 +65,22 @@ async fn stored_users(redis: &Client) -> Vec<i64> {
         .collect()
 }
 
+fn status_args(world: &World) -> syncd::config::StatusArgs {
+    use clap::Parser;
+    let argv = [
+        "syncd",
+        "status",
+        "--database-url",
+        &world.database_url,
+        "--redis-url",
+        &world.redis_url,
+    ];
+    match syncd::config::Cli::try_parse_from(argv).unwrap().command {
+        syncd::config::Command::Status(args) => *args,
+        _ => unreachable!(),
+    }
+}
+
 async fn marker(redis: &Client) -> Option<i64> {
     redis
         .get::<Option<String>, _>(keys::EVENTS_POLL_MARKER)
@@ -118,6 +134,9 @@ async fn poll_mode_stores_the_sims_updates_in_the_events_stream_and_they_are_con
     assert_eq!(lease.as_deref(), Some("poller-a"));
     let stats = world.sim.stats();
     assert_eq!(stats.rate_limited, 0, "within 2 requests a second");
+    let status = syncd::report::status(&status_args(&world)).await.unwrap();
+    assert!(status.contains("LONG POLL"), "{status}");
+    assert!(status.contains("lease poller-a, marker "), "{status}");
     replica.stop().await.unwrap();
     let lease: Option<String> = redis.get(keys::EVENTS_POLL_LEASE).await.unwrap();
     assert_eq!(lease, None, "handed back on shutdown");
