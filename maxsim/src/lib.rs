@@ -204,6 +204,10 @@ pub struct Stats {
     pub calls_per_chat: HashMap<i64, u64>,
     /// The most accepted requests seen in any one-second window.
     pub max_in_window: usize,
+    /// `GET /updates` requests admitted (past the token, the subscription and the rate limit).
+    pub updates_polls: u64,
+    /// The most `GET /updates` requests in flight at once: above 1, two pollers overlapped.
+    pub updates_max_in_flight: usize,
 }
 
 pub(crate) struct State_ {

@@ -34,6 +34,8 @@ pub(crate) struct UpdateQueue {
     items: VecDeque<Queued>,
     next_position: u64,
     window: VecDeque<Instant>,
+    /// Long polls being answered now.
+    in_flight: usize,
     /// Wakes the long polls waiting for an update.
     pub(crate) arrived: Arc<Notify>,
 }
@@ -44,6 +46,7 @@ impl Default for UpdateQueue {
             items: VecDeque::new(),
             next_position: 1,
             window: VecDeque::new(),
+            in_flight: 0,
             arrived: Arc::new(Notify::new()),
         }
     }
@@ -188,8 +191,15 @@ pub(crate) async fn get_updates(
             state.stats.rate_limited += 1;
             return too_many_requests();
         }
+        state.updates.in_flight += 1;
+        state.stats.updates_polls += 1;
+        state.stats.updates_max_in_flight = state
+            .stats
+            .updates_max_in_flight
+            .max(state.updates.in_flight);
         Instant::now()
     };
+    let _in_flight = InFlight(sim.clone());
     let asked = match parse(query) {
         Ok(asked) => asked,
         Err(message) => return error(StatusCode::BAD_REQUEST, "proto.payload", &message),
@@ -216,6 +226,16 @@ pub(crate) async fn get_updates(
             }
         }
         let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+    }
+}
+
+/// Counts a long poll out of `in_flight` however it ends.
+struct InFlight(Simulator);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.updates.in_flight = state.updates.in_flight.saturating_sub(1);
     }
 }
 

@@ -80,6 +80,18 @@ pub const EVENTS_GROUP: &str = "participants-syncd";
 /// The field of an events stream entry that holds the raw Update (JSON).
 pub const EVENTS_FIELD_UPDATE: &str = "update";
 
+/// The long-poll lease (`MAX_UPDATES_MODE=poll`): the consumer name of the one replica that
+/// polls `GET /updates`, set with `NX PX` and renewed while it polls.
+pub const EVENTS_POLL_LEASE: &str = "{participants:events}:poll:lease";
+
+/// The long-poll marker: the `marker` of the last batch stored in `EVENTS_STREAM`, sent with
+/// the next `GET /updates`. Written only after the batch is in the stream.
+pub const EVENTS_POLL_MARKER: &str = "{participants:events}:poll:marker";
+
+/// Unix ms of the last successful long poll: a marker missing while this exists was lost, and
+/// a gap longer than MAX's retention since it lost updates.
+pub const EVENTS_POLL_AT: &str = "{participants:events}:poll:at";
+
 /// Marks a chat as already enqueued for a lazy refresh, so a hot stale chat is enqueued once
 /// per marker lifetime and not once per read.
 pub fn refresh_marker(chat_id: i32) -> String {
@@ -174,7 +186,13 @@ mod tests {
         ] {
             assert!(key.starts_with("{participants:refresh}"), "{key}");
         }
-        for key in [EVENTS_STREAM, EVENTS_STREAM_DEAD] {
+        for key in [
+            EVENTS_STREAM,
+            EVENTS_STREAM_DEAD,
+            EVENTS_POLL_LEASE,
+            EVENTS_POLL_MARKER,
+            EVENTS_POLL_AT,
+        ] {
             assert!(key.starts_with("{participants:events}"), "{key}");
         }
         for key in [LIMITER_TAT, LIMITER_PAUSE, LIMITER_URGENT] {

@@ -37,6 +37,11 @@ pub enum Command {
     /// status, the last MAX answer or error, whether it is queued, in flight, dead-lettered or
     /// backing off
     Inspect(Box<InspectArgs>),
+    /// Register syncd's webhook with MAX (POST /subscriptions for the five membership types,
+    /// with MAX_WEBHOOK_SECRET), or with --check print what is subscribed (URL, time, types)
+    /// and exit 0 if ours is there, 1 if not. A subscription to another URL is replaced only
+    /// with --replace. While any subscription exists MAX refuses long polling (poll mode)
+    Subscribe(Box<SubscribeArgs>),
     /// Ask the running daemon's /health on SYNCD_LISTEN_ADDR; exit 0 when it answers 200 (a
     /// container healthcheck that needs no curl; `--path /health/live` for liveness)
     Health(HealthArgs),
@@ -337,6 +342,80 @@ pub struct RefreshArgs {
     /// chats.id values (not MAX ids)
     #[arg(required = true, num_args = 1..)]
     pub chat_ids: Vec<i32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SubscribeArgs {
+    /// The webhook's public URL, https://<host>/max/updates (MAX posts only to https on port
+    /// 443, with no port in the URL; the ingress forwards it to SYNCD_WEBHOOK_ADDR)
+    #[arg(long)]
+    pub url: Option<String>,
+
+    /// Delete subscriptions to other URLs first (MAX delivers to one receiver per bot)
+    #[arg(long, conflicts_with = "check")]
+    pub replace: bool,
+
+    /// Only print what is subscribed; exit 0 if ours is there (the --url given, else any URL
+    /// ending with /max/updates with the five types), 1 if not
+    #[arg(long)]
+    pub check: bool,
+
+    /// Base URL of the MAX Bot API
+    #[arg(
+        long,
+        env = "MAX_API_URL",
+        default_value = "https://platform-api2.max.ru"
+    )]
+    pub max_api_url: String,
+
+    /// Bot token, sent as the raw Authorization header
+    #[arg(long, env = "MAX_API_TOKEN", value_parser = parse_secret, hide_env_values = true)]
+    pub max_api_token: SecretString,
+
+    /// Most time one MAX call may take
+    #[arg(long, env = "PARTICIPANTS_MAX_API_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub participants_max_api_timeout: Duration,
+
+    /// The secret MAX will send in X-Max-Bot-Api-Secret (5-256 of A-Z a-z 0-9 _ -); required
+    /// to subscribe, never printed
+    #[arg(long, env = "MAX_WEBHOOK_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub max_webhook_secret: Option<SecretString>,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl SubscribeArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        reqwest::Url::parse(&self.max_api_url)
+            .map_err(|e| format!("MAX_API_URL is not a valid URL ({e})"))?;
+        if self.participants_max_api_timeout.is_zero() {
+            return Err("PARTICIPANTS_MAX_API_TIMEOUT must be greater than zero".to_owned());
+        }
+        if let Some(url) = &self.url {
+            let parsed =
+                reqwest::Url::parse(url).map_err(|e| format!("--url is not a URL ({e})"))?;
+            if !matches!(parsed.scheme(), "http" | "https")
+                || !parsed.path().ends_with(crate::events::webhook::PATH)
+            {
+                return Err(
+                    "--url must be https://<host>/max/updates (the path syncd serves)".to_owned(),
+                );
+            }
+        }
+        if self.check {
+            return Ok(());
+        }
+        if self.url.is_none() {
+            return Err("--url is required to subscribe (or pass --check)".to_owned());
+        }
+        let Some(secret) = &self.max_webhook_secret else {
+            return Err("MAX_WEBHOOK_SECRET is required to subscribe".to_owned());
+        };
+        crate::events::settings::validate_webhook_secret(secrecy::ExposeSecret::expose_secret(
+            secret,
+        ))
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -39,16 +39,20 @@ struct Parts {
     refresher: Refresher,
 }
 
+fn max_client(args: &SyncArgs) -> anyhow::Result<refresh::max::MaxClient> {
+    refresh::max::MaxClient::new(
+        &args.max_api_url,
+        args.max_api_token.clone(),
+        args.participants_max_api_timeout,
+    )
+}
+
 async fn build(args: &SyncArgs) -> anyhow::Result<Parts> {
     let metrics = Metrics::new();
     let db = shared::db::pool(&args.database)?;
     let redis = shared::redis::connect(&args.redis)?;
     let token = TokenState::new(metrics.clone());
-    let max = refresh::max::MaxClient::new(
-        &args.max_api_url,
-        args.max_api_token.clone(),
-        args.participants_max_api_timeout,
-    )?;
+    let max = max_client(args)?;
     let refresher = Refresher::new(RefresherParts {
         max,
         limiter: Limiter::new(redis.clone(), args.max_api_rps),
@@ -205,15 +209,13 @@ async fn bind_webhook(args: &RunArgs) -> anyhow::Result<Option<TcpListener>> {
                 .with_context(|| format!("cannot listen on SYNCD_WEBHOOK_ADDR {address}"))?;
             Ok(Some(listener))
         }
-        UpdatesMode::Poll => {
-            anyhow::bail!("MAX_UPDATES_MODE=poll is not built yet: use webhook, stream or off")
-        }
-        UpdatesMode::Off | UpdatesMode::Stream => Ok(None),
+        UpdatesMode::Off | UpdatesMode::Poll | UpdatesMode::Stream => Ok(None),
     }
 }
 
-/// The membership events intake of the mode in force: the webhook receiver (webhook mode) and
-/// the events consumer, which decides each update's effects without carrying them out yet
+/// The membership events intake of the mode in force: the webhook receiver and its
+/// subscription check (webhook mode) or the long poller (poll mode), and the events consumer,
+/// which decides each update's effects without carrying them out yet
 /// (`events::intake::NotWired`).
 fn spawn_events(
     args: &RunArgs,
@@ -225,8 +227,8 @@ fn spawn_events(
 ) -> anyhow::Result<()> {
     let mode = args.events.max_updates_mode;
     let stream = match mode {
-        UpdatesMode::Off | UpdatesMode::Poll => return Ok(()),
-        UpdatesMode::Webhook => shared::keys::EVENTS_STREAM.to_owned(),
+        UpdatesMode::Off => return Ok(()),
+        UpdatesMode::Webhook | UpdatesMode::Poll => shared::keys::EVENTS_STREAM.to_owned(),
         UpdatesMode::Stream => args
             .events
             .max_updates_stream
@@ -246,6 +248,25 @@ fn spawn_events(
             events::webhook::Receiver::new(parts.redis.clone(), secret, parts.metrics.clone());
         tracker.spawn(events::webhook::serve(listener, receiver, cancel.clone()));
         tracing::info!(%address, path = events::webhook::PATH, "webhook receiver listening");
+        tracker.spawn(events::subscription::watch(
+            max_client(&args.sync)?,
+            Limiter::new(parts.redis.clone(), args.sync.max_api_rps),
+            parts.metrics.clone(),
+            args.events.max_subscription_check,
+            cancel.clone(),
+        ));
+    }
+    if mode == UpdatesMode::Poll {
+        let poller = events::poll::Poller {
+            max: max_client(&args.sync)?,
+            redis: parts.redis.clone(),
+            owner: name.to_owned(),
+            metrics: parts.metrics.clone(),
+            timeout: args.events.max_updates_poll_timeout,
+            call_timeout: args.sync.participants_max_api_timeout,
+            retention: args.events.max_updates_retention,
+        };
+        tracker.spawn(poller.run(cancel.clone()));
     }
     let reader_args = shared::config::RedisArgs {
         redis_timeout: args.sync.redis.redis_timeout + Duration::from_secs(2),

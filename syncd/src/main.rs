@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Refresh(args) => (args.sync.validate(), &args.sync.log),
         Command::Status(args) => (args.validate(), &args.log),
         Command::Inspect(args) => (args.validate(), &args.log),
+        Command::Subscribe(args) => (args.validate(), &args.log),
     };
     let _telemetry =
         match validation.and_then(|()| shared::telemetry::init(log, "participants-syncd")) {
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result: anyhow::Result<()> = runtime.block_on(async move {
+    let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => {
                 let listener = tokio::net::TcpListener::bind(args.listen_addr)
@@ -49,32 +50,36 @@ fn main() -> ExitCode {
                     .with_context(|| {
                         format!("cannot listen on SYNCD_LISTEN_ADDR {}", args.listen_addr)
                     })?;
-                syncd::run(*args, listener, shared::shutdown::signal()).await
+                syncd::run(*args, listener, shared::shutdown::signal()).await?;
             }
             Command::Sweep(args) => {
                 let summary = syncd::sweep_once(*args, shared::shutdown::signal()).await?;
                 println!("{}", describe_sweep(&summary));
-                Ok(())
             }
             Command::Refresh(args) => {
                 for line in syncd::refresh_once(*args).await? {
                     println!("{line}");
                 }
-                Ok(())
             }
             Command::Status(args) => {
                 print!("{}", syncd::report::status(&args).await?);
-                Ok(())
             }
             Command::Inspect(args) => {
                 print!("{}", syncd::inspect::inspect(&args).await?);
-                Ok(())
             }
-            Command::Health(_) => Ok(()),
+            Command::Subscribe(args) => {
+                let (text, ours) = syncd::events::subscription::command(&args).await?;
+                print!("{text}");
+                if args.check && !ours {
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            Command::Health(_) => {}
         }
+        Ok(ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "syncd failed");
             eprintln!("syncd: {error:#}");

@@ -41,6 +41,10 @@ pub struct Metrics {
     pub events_applied: IntCounterVec,
     /// From an update's `timestamp` to its handling by the events consumer.
     pub events_intake_lag: Histogram,
+    /// Long-poll gaps in which updates were lost, by reason (`marker_lost`, `retention`).
+    pub events_gaps: IntCounterVec,
+    /// Webhook mode: 1 while GET /subscriptions lists ours, 0 when it does not.
+    pub events_subscription_ok: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -179,7 +183,7 @@ impl Metrics {
             ),
             events_received: counter_vec(
                 "participants_events_received_total",
-                "MAX membership updates taken in, by mode (webhook: stored by the receiver; stream: read from another service's stream)",
+                "MAX membership updates taken in, by mode (webhook: stored by the receiver; poll: stored by the long poller; stream: read from another service's stream)",
                 &["mode"],
             ),
             events_rejected: counter_vec(
@@ -196,6 +200,19 @@ impl Metrics {
                 "participants_events_intake_lag_seconds",
                 "Time from a MAX update's timestamp to its handling by the events consumer",
                 vec![0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 28800.0],
+            ),
+            events_gaps: counter_vec(
+                "participants_events_gaps_total",
+                "Long-poll gaps that lost MAX updates, by reason (marker_lost: the persisted marker vanished; retention: no successful poll for longer than MAX keeps updates)",
+                &["reason"],
+            ),
+            events_subscription_ok: register(
+                &r,
+                IntGauge::new(
+                    "participants_events_subscription_ok",
+                    "Webhook mode: 1 while MAX's GET /subscriptions lists a URL ending with /max/updates for the five membership types, 0 when not (and before the first check)",
+                )
+                .expect("valid metric"),
             ),
             registry: r,
         }
@@ -237,7 +254,10 @@ impl Metrics {
             self.stream_pending.with_label_values(&[stream]);
             self.stream_lag.with_label_values(&[stream]);
         }
-        for mode in ["webhook", "stream"] {
+        for reason in ["marker_lost", "retention"] {
+            self.events_gaps.with_label_values(&[reason]);
+        }
+        for mode in ["webhook", "poll", "stream"] {
             self.events_received.with_label_values(&[mode]);
         }
         for reason in ["unauthorized", "too_large", "not_an_update", "unavailable"] {

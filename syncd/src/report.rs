@@ -33,6 +33,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     let mut out = String::new();
     write_streams(&mut out, &redis).await?;
     write_replicas(&mut out, &redis).await?;
+    write_long_poll(&mut out, &redis).await?;
     write_schedules(&mut out, args)?;
     write_sweeps(&mut out, &db).await?;
     write_freshness(&mut out, &db, args).await?;
@@ -65,6 +66,31 @@ async fn write_streams(out: &mut String, redis: &Client) -> anyhow::Result<()> {
             show(lag)
         )?;
     }
+    Ok(())
+}
+
+/// Poll mode's state, when it ever ran: the lease holder, the marker, the last poll.
+async fn write_long_poll(out: &mut String, redis: &Client) -> anyhow::Result<()> {
+    let (holder, marker, at): (Option<String>, Option<String>, Option<i64>) = redis
+        .mget(vec![
+            keys::EVENTS_POLL_LEASE,
+            keys::EVENTS_POLL_MARKER,
+            keys::EVENTS_POLL_AT,
+        ])
+        .await
+        .unwrap_or_default();
+    if holder.is_none() && marker.is_none() && at.is_none() {
+        return Ok(());
+    }
+    let at = at
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
+    writeln!(
+        out,
+        "\nLONG POLL (MAX_UPDATES_MODE=poll): lease {}, marker {}, last successful poll {at}",
+        holder.as_deref().unwrap_or("none"),
+        marker.as_deref().unwrap_or("none")
+    )?;
     Ok(())
 }
 

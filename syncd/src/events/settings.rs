@@ -2,10 +2,11 @@
 //! into `syncd run`'s configuration, and their start-up checks.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
-use shared::config::parse_secret;
+use shared::config::{parse_duration, parse_secret};
 
 /// How MAX membership events reach syncd (one mode per deployment, see SPEC §10).
 #[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -15,7 +16,7 @@ pub enum UpdatesMode {
     Off,
     /// MAX POSTs each update to `/max/updates` on `SYNCD_WEBHOOK_ADDR`.
     Webhook,
-    /// Long-poll `GET /updates` (not built yet: start-up refuses it).
+    /// One replica at a time (a lease in Redis) long-polls `GET /updates`.
     Poll,
     /// Another service adds each raw update to the Redis stream `MAX_UPDATES_STREAM`.
     Stream,
@@ -37,8 +38,9 @@ impl UpdatesMode {
 #[derive(Args, Debug, Clone)]
 pub struct EventsArgs {
     /// How MAX membership events reach syncd: off, webhook (POST /max/updates on
-    /// SYNCD_WEBHOOK_ADDR), poll (not built yet: start-up refuses it) or stream (another
-    /// service's Redis stream MAX_UPDATES_STREAM)
+    /// SYNCD_WEBHOOK_ADDR), poll (one replica at a time long-polls GET /updates; MAX refuses
+    /// it while a webhook subscription exists) or stream (another service's Redis stream
+    /// MAX_UPDATES_STREAM)
     #[arg(long, env = "MAX_UPDATES_MODE", value_enum, default_value_t = UpdatesMode::Off)]
     pub max_updates_mode: UpdatesMode,
 
@@ -56,6 +58,22 @@ pub struct EventsArgs {
     /// stream mode, read in syncd's own consumer group
     #[arg(long, env = "MAX_UPDATES_STREAM")]
     pub max_updates_stream: Option<String>,
+
+    /// Poll mode: how long one GET /updates waits for updates (whole seconds, 0-90; MAX's
+    /// limit is 30 s)
+    #[arg(long, env = "MAX_UPDATES_POLL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub max_updates_poll_timeout: Duration,
+
+    /// Poll mode: how long MAX keeps an update for GET /updates; a longer gap since the last
+    /// successful poll lost updates, and is reported (participants_events_gaps_total)
+    #[arg(long, env = "MAX_UPDATES_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub max_updates_retention: Duration,
+
+    /// Webhook mode: how often GET /subscriptions is checked for ours (a URL ending with
+    /// /max/updates with the five membership types); a missing one is logged as an error and
+    /// participants_events_subscription_ok is 0
+    #[arg(long, env = "MAX_SUBSCRIPTION_CHECK", default_value = "5m", value_parser = parse_duration)]
+    pub max_subscription_check: Duration,
 }
 
 impl EventsArgs {
@@ -64,7 +82,13 @@ impl EventsArgs {
         match self.max_updates_mode {
             UpdatesMode::Off => Ok(()),
             UpdatesMode::Poll => {
-                Err("MAX_UPDATES_MODE=poll is not built yet: use webhook, stream or off".to_owned())
+                if self.max_updates_poll_timeout > Duration::from_secs(90) {
+                    return Err("MAX_UPDATES_POLL_TIMEOUT must be at most 90s".to_owned());
+                }
+                if self.max_updates_retention.is_zero() {
+                    return Err("MAX_UPDATES_RETENTION must be greater than zero".to_owned());
+                }
+                Ok(())
             }
             UpdatesMode::Webhook => {
                 if self.webhook_addr == listen_addr {
@@ -75,6 +99,9 @@ impl EventsArgs {
                         "MAX_WEBHOOK_SECRET is required when MAX_UPDATES_MODE=webhook".to_owned(),
                     );
                 };
+                if self.max_subscription_check < Duration::from_secs(1) {
+                    return Err("MAX_SUBSCRIPTION_CHECK must be at least 1s".to_owned());
+                }
                 validate_webhook_secret(secret.expose_secret())
             }
             UpdatesMode::Stream => match self.max_updates_stream.as_deref().map(str::trim) {
@@ -89,7 +116,7 @@ impl EventsArgs {
 
 /// MAX's rule for a subscription secret (`^[a-zA-Z0-9_-]{5,256}$`); the message never repeats
 /// the value.
-fn validate_webhook_secret(secret: &str) -> Result<(), String> {
+pub(crate) fn validate_webhook_secret(secret: &str) -> Result<(), String> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
     if !(5..=256).contains(&secret.len()) || !secret.chars().all(allowed) {
         return Err(
@@ -131,7 +158,15 @@ mod tests {
         assert_eq!(args.events.max_updates_mode, UpdatesMode::Off);
         assert_eq!(args.events.webhook_addr.port(), 9092);
         for (flags, setting) in [
-            (vec!["--max-updates-mode", "poll"], "MAX_UPDATES_MODE"),
+            (
+                vec![
+                    "--max-updates-mode",
+                    "poll",
+                    "--max-updates-poll-timeout",
+                    "91s",
+                ],
+                "MAX_UPDATES_POLL_TIMEOUT",
+            ),
             (vec!["--max-updates-mode", "webhook"], "MAX_WEBHOOK_SECRET"),
             (
                 vec![
@@ -192,5 +227,16 @@ mod tests {
             "bot:updates",
         ]);
         args.unwrap().validate().unwrap();
+        let args = run_args(&["--max-updates-mode", "poll"]).unwrap();
+        args.validate().unwrap();
+        assert_eq!(
+            args.events.max_updates_poll_timeout,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            args.events.max_updates_retention,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(args.events.max_subscription_check, Duration::from_secs(300));
     }
 }

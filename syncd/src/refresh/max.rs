@@ -1,13 +1,14 @@
 //! The MAX Bot API client: the only place a MAX path or header is spelled.
 //!
 //! One call per chat (`GET /chats/{chatId}`); the batch endpoint was retired in June 2026.
-//! Errors are sorted by what the caller should do about them.
+//! Membership events: `GET /updates` (long polling) and `GET/POST/DELETE /subscriptions`
+//! (the webhook). Errors are sorted by what the caller should do about them.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shared::ids::MaxChatId;
 
 /// The fields of MAX's `Chat` that this service reads; every other field is ignored.
@@ -110,6 +111,164 @@ impl MaxClient {
             .map(|body| body.code)
             .unwrap_or_default();
         Err(classify(status, &code))
+    }
+}
+
+/// One answer of `GET /updates`: the raw updates, and the marker to send next.
+#[derive(Debug, Deserialize)]
+pub struct UpdateBatch {
+    #[serde(default)]
+    pub updates: Vec<serde_json::Value>,
+    pub marker: Option<i64>,
+}
+
+/// A webhook subscription as `GET /subscriptions` lists it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Subscription {
+    pub url: String,
+    /// When it was made (unix ms).
+    #[serde(default)]
+    pub time: i64,
+    /// `null`: every update type.
+    #[serde(default)]
+    pub update_types: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct Subscriptions {
+    #[serde(default)]
+    subscriptions: Vec<Subscription>,
+}
+
+#[derive(Deserialize)]
+struct Success {
+    #[serde(default)]
+    success: bool,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// The `kind` of the error `GET /updates` answers while a webhook subscription is active
+/// (405: MAX does not long-poll then).
+pub const WEBHOOK_ACTIVE: &str = "webhook_active";
+
+impl MaxClient {
+    /// `GET /updates` (long polling) for `types` (comma-separated, as the schema's `style:
+    /// simple` asks); `marker: None` only on the first poll ever (MAX then answers only the
+    /// newest update). The request may take `timeout` plus the usual call timeout.
+    pub async fn get_updates(
+        &self,
+        marker: Option<i64>,
+        types: &[&str],
+        limit: u32,
+        timeout: Duration,
+        call_timeout: Duration,
+    ) -> Result<UpdateBatch, MaxError> {
+        let mut query = vec![
+            ("types", types.join(",")),
+            ("limit", limit.to_string()),
+            ("timeout", timeout.as_secs().to_string()),
+        ];
+        if let Some(marker) = marker {
+            query.push(("marker", marker.to_string()));
+        }
+        let request = self
+            .http
+            .get(self.url_with("/updates", &query)?)
+            .timeout(timeout + call_timeout);
+        let body = self.send(request).await.map_err(|error| match error {
+            MaxError::Unexpected { detail, .. } if detail.starts_with("HTTP 405") => {
+                MaxError::Unexpected {
+                    kind: WEBHOOK_ACTIVE,
+                    detail,
+                }
+            }
+            error => error,
+        })?;
+        serde_json::from_slice(&body).map_err(|e| MaxError::Unexpected {
+            kind: "not_updates",
+            detail: format!("not an update list: {e}; body starts {:?}", excerpt(&body)),
+        })
+    }
+
+    /// `GET /subscriptions`.
+    pub async fn subscriptions(&self) -> Result<Vec<Subscription>, MaxError> {
+        let request = self.http.get(format!("{}/subscriptions", self.base_url));
+        let body = self.send(request).await?;
+        serde_json::from_slice::<Subscriptions>(&body)
+            .map(|list| list.subscriptions)
+            .map_err(|e| MaxError::Unexpected {
+                kind: "not_subscriptions",
+                detail: format!("{e}; body starts {:?}", excerpt(&body)),
+            })
+    }
+
+    /// `POST /subscriptions`: the webhook `url` for `types`, with the `secret` MAX sends back
+    /// in `X-Max-Bot-Api-Secret`.
+    pub async fn subscribe(
+        &self,
+        url: &str,
+        types: &[&str],
+        secret: &SecretString,
+    ) -> Result<(), MaxError> {
+        let body = serde_json::json!({
+            "url": url,
+            "update_types": types,
+            "secret": secret.expose_secret(),
+        });
+        let request = self
+            .http
+            .post(format!("{}/subscriptions", self.base_url))
+            .json(&body);
+        succeeded(&self.send(request).await?)
+    }
+
+    /// `DELETE /subscriptions?url=`.
+    pub async fn unsubscribe(&self, url: &str) -> Result<(), MaxError> {
+        let request = self
+            .http
+            .delete(self.url_with("/subscriptions", &[("url", url.to_owned())])?);
+        succeeded(&self.send(request).await?)
+    }
+
+    /// `path` under the base URL with the query parameters `query`, encoded.
+    fn url_with(&self, path: &str, query: &[(&str, String)]) -> Result<reqwest::Url, MaxError> {
+        reqwest::Url::parse_with_params(&format!("{}{path}", self.base_url), query).map_err(|e| {
+            MaxError::Unexpected {
+                kind: "bad_request",
+                detail: format!("cannot build the URL: {e}"),
+            }
+        })
+    }
+
+    /// Sends with the token; a 2xx body, or the error sorted as `classify` does.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, MaxError> {
+        let request = request.header(reqwest::header::AUTHORIZATION, self.token.expose_secret());
+        let mut response = request.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status();
+        let body = read_capped(&mut response).await?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        let code = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|body| body.code)
+            .unwrap_or_default();
+        Err(classify(status, &code))
+    }
+}
+
+/// `{"success": true}`, or MAX's message.
+fn succeeded(body: &[u8]) -> Result<(), MaxError> {
+    match serde_json::from_slice::<Success>(body) {
+        Ok(Success { success: true, .. }) => Ok(()),
+        Ok(Success { message, .. }) => Err(MaxError::Unexpected {
+            kind: "refused",
+            detail: message.unwrap_or_else(|| "success: false".to_owned()),
+        }),
+        Err(e) => Err(MaxError::Unexpected {
+            kind: "not_a_result",
+            detail: format!("{e}; body starts {:?}", excerpt(body)),
+        }),
     }
 }
 
