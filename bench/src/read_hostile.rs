@@ -27,9 +27,9 @@ const PAGE: &str = "\"/chats/all?limit=50&offset=\" .. math.random(0, 9950)";
 /// Words of the bench's chats (`chat <n>`, `admin_panel`, `-700000000<n>`) that the trigram
 /// index cannot narrow and that match most chats.
 const BROAD_WORDS: &[&str] = &[
-    "0", "00", "000", "0000", "00000", "000000", "0000000", "00000000", "7", "70", "700", "c",
-    "h", "a", "t", "ch", "ha", "at", "ad", "dm", "mi", "in", "pa", "an", "ne", "el", "chat",
-    "admin", "panel",
+    "0", "00", "000", "0000", "00000", "000000", "0000000", "00000000", "7", "70", "700", "c", "h",
+    "a", "t", "ch", "ha", "at", "ad", "dm", "mi", "in", "pa", "an", "ne", "el", "chat", "admin",
+    "panel",
 ];
 
 /// The Lua of the hostile clients: every request 16 words drawn from `BROAD_WORDS`, each
@@ -102,10 +102,12 @@ fn page_under_searches(
             let mut round = 0i32;
             while !stop.load(Ordering::Relaxed) {
                 round += 1;
-                let _ = sqlx::query("update chats set department = 'edit ' || $1 where id = 1 + $1 % 1000")
-                    .bind(round)
-                    .execute(&db)
-                    .await;
+                let _ = sqlx::query(
+                    "update chats set department = 'edit ' || $1 where id = 1 + $1 % 1000",
+                )
+                .bind(round)
+                .execute(&db)
+                .await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -139,8 +141,7 @@ pub async fn run(chats: i32, seconds: u64, connections: u32) -> anyhow::Result<(
     eprintln!("bench read --hostile-searches: page alone");
     let alone = wrk(port, PAGE, &stack.token, seconds, connections, &stack.dir)?;
     eprintln!("bench read --hostile-searches: page with 8 clients, one caller");
-    let (one, one_hostile) =
-        page_under_searches(&stack, port, &one_caller, seconds, connections)?;
+    let (one, one_hostile) = page_under_searches(&stack, port, &one_caller, seconds, connections)?;
     let one_costly = costly_searches(&stack, port).await;
     eprintln!("bench read --hostile-searches: page with 8 clients, 8 callers");
     let (eight, eight_hostile) =
