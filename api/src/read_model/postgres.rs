@@ -42,17 +42,19 @@ macro_rules! admins_version {
 
 /// A chat's rows of `administrators`, as the columns of `RECORD_COLUMNS` (alias `a`): one array
 /// per column in the legacy's order (`order by created_at`, ties broken by id), all NULL when
-/// it has none, and their version (`admins_version!`). One descent of
+/// it has none, and their version (`admins_version!`). A legacy table's `create table if not
+/// exists` guarantees nothing of its columns, so a NULL phone is read as empty and timestamps
+/// without a time zone are read as the session's: one odd row must not stop every load. One descent of
 /// `idx_administrators_chat_id` per chat.
 const ADMINS_JOIN: &str = concat!(
     "left join lateral (select ",
     "array_agg(ad.id order by ad.created_at, ad.id) as admin_ids, ",
-    "array_agg(ad.phone order by ad.created_at, ad.id) as admin_phones, ",
+    "array_agg(coalesce(ad.phone, '') order by ad.created_at, ad.id) as admin_phones, ",
     "array_agg(ad.max_id order by ad.created_at, ad.id) as admin_max_ids, ",
     "array_agg(ad.add_user order by ad.created_at, ad.id) as admin_add_users, ",
     "array_agg(ad.add_admin order by ad.created_at, ad.id) as admin_add_admins, ",
-    "array_agg(ad.created_at order by ad.created_at, ad.id) as admin_created_at, ",
-    "array_agg(ad.updated_at order by ad.created_at, ad.id) as admin_updated_at, ",
+    "array_agg(ad.created_at::timestamptz order by ad.created_at, ad.id) as admin_created_at, ",
+    "array_agg(ad.updated_at::timestamptz order by ad.created_at, ad.id) as admin_updated_at, ",
     admins_version!(),
     " as admins_version from administrators ad where ad.chat_id = c.id) a on true"
 );

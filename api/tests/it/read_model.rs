@@ -509,3 +509,31 @@ async fn administrators_changed_unnoticed_are_healed_by_reconciliation() {
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(reconciled().await, healed + 1.0, "only the new row, once");
 }
+
+/// A legacy `administrators` table is whatever the legacy made it (`create table if not exists`
+/// guarantees nothing): a NULL phone and timestamps without a time zone are served, not a
+/// load that fails on every replica.
+#[tokio::test]
+async fn administrators_with_a_null_phone_and_naive_timestamps_are_served() {
+    let app = TestApp::spawn().await;
+    for sql in [
+        "alter table administrators alter column phone drop not null",
+        "alter table administrators alter column created_at type timestamp",
+        "alter table administrators alter column updated_at type timestamp",
+    ] {
+        sqlx::query(sql).execute(&app.db).await.unwrap();
+    }
+    let id = app.insert_chat(Default::default()).await;
+    sqlx::query(
+        "insert into administrators (chat_id, phone, max_id, created_at, updated_at) \
+         values ($1, null, '7', '2025-01-01 10:00', '2025-01-01 10:00')",
+    )
+    .bind(id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(20), || async {
+        administrators(&app, id).await == pairs(&[("", "7")])
+    })
+    .await;
+}
