@@ -468,7 +468,7 @@ impl StatusArgs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::CommandFactory;
 
     use super::*;
@@ -478,7 +478,7 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    fn run_args(extra: &[&str]) -> Result<RunArgs, String> {
+    pub(crate) fn run_args(extra: &[&str]) -> Result<RunArgs, String> {
         let mut argv = vec![
             "syncd",
             "run",

@@ -128,29 +128,8 @@ pub(crate) fn validate_webhook_secret(secret: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
-    use crate::config::{Cli, Command, RunArgs};
-
-    fn run_args(extra: &[&str]) -> Result<RunArgs, String> {
-        let mut argv = vec![
-            "syncd",
-            "run",
-            "--database-url",
-            "postgres://u:p@127.0.0.1/db",
-            "--max-api-token",
-            "t0ken-s3cret",
-        ];
-        argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv)
-            .map_err(|e| e.to_string())?
-            .command
-        {
-            Command::Run(args) => Ok(*args),
-            _ => unreachable!(),
-        }
-    }
+    use crate::config::tests::run_args;
 
     #[test]
     fn events_settings_are_checked_for_the_mode_in_force_and_name_their_setting() {
