@@ -30,6 +30,7 @@ pub struct Metrics {
     pub health_checks: IntCounter,
     pub read_model_order_loads: IntCounterVec,
     pub read_model_order_repairs: IntCounter,
+    pub read_model_order_checks: IntCounterVec,
     pub cache_local_pages: IntCounter,
     pub cache_local_flushes: IntCounterVec,
     pub cache_tracking: IntGauge,
@@ -228,6 +229,20 @@ impl Metrics {
         for how in ["placed", "whole"] {
             read_model_order_loads.with_label_values(&[how]);
         }
+        let read_model_order_checks = IntCounterVec::new(
+            Opts::new(
+                "participants_read_model_order_checks_total",
+                "Reconciliation rounds by what became of the text orders' comparison with Postgres: compared, skipped (a row differed, so the orders wait for a round in which every row agrees) or failed (a digest statement failed)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric name is valid");
+        registry
+            .register(Box::new(read_model_order_checks.clone()))
+            .expect("metric registers once");
+        for outcome in ["compared", "skipped", "failed"] {
+            read_model_order_checks.with_label_values(&[outcome]);
+        }
         let read_model_order_repairs = counter(
             "participants_read_model_order_repairs_total",
             "Text sort orders that reconciliation found out of step with Postgres and re-read",
@@ -292,6 +307,7 @@ impl Metrics {
             health_checks,
             read_model_order_loads,
             read_model_order_repairs,
+            read_model_order_checks,
             cache_local_pages,
             cache_local_flushes,
             cache_tracking,

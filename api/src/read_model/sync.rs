@@ -484,6 +484,10 @@ impl Syncer<'_> {
                 // Not worth failing the session over: row versions were reconciled, and the
                 // next round tries again.
                 Err(error) => {
+                    self.metrics
+                        .read_model_order_checks
+                        .with_label_values(&["failed"])
+                        .inc();
                     tracing::warn!(
                         error = %error,
                         column = column.sql_name(),
@@ -493,6 +497,10 @@ impl Syncer<'_> {
                 }
             }
         }
+        self.metrics
+            .read_model_order_checks
+            .with_label_values(&["compared"])
+            .inc();
         for column in differing {
             let ids = postgres::text_order(snapshot, column)
                 .await
@@ -549,6 +557,11 @@ impl Syncer<'_> {
             // The model holds this snapshot row for row (nothing changes it meanwhile: this
             // task is its only writer), so the orders can be compared in the same snapshot.
             self.repair_orders(&mut snapshot).await?;
+        } else {
+            self.metrics
+                .read_model_order_checks
+                .with_label_values(&["skipped"])
+                .inc();
         }
         snapshot
             .commit()

@@ -247,6 +247,12 @@ async fn a_drifted_sort_order_is_repaired_by_reconciliation() {
         metric(&metrics, "participants_read_model_order_repairs_total"),
         1.0
     );
+    assert!(
+        metric(
+            &metrics,
+            "participants_read_model_order_checks_total{outcome=\"compared\"}"
+        ) >= 1.0
+    );
 }
 
 /// A row committed between the model's digest and Postgres' is not drift: the orders are
@@ -279,6 +285,13 @@ async fn rows_changing_under_reconciliation_are_not_taken_for_a_drifted_order() 
         metric(&metrics, "participants_read_model_order_repairs_total"),
         0.0,
         "{inserted} inserts were taken for drift"
+    );
+    // Reconciliation ran while the rows changed, and left the orders for a quieter round.
+    assert!(
+        metric(
+            &metrics,
+            "participants_read_model_order_checks_total{outcome=\"skipped\"}"
+        ) >= 1.0
     );
 }
 
