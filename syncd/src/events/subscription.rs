@@ -32,6 +32,17 @@ pub fn is_ours(subscription: &Subscription, url: Option<&str>) -> bool {
     url_matches && types_match
 }
 
+/// Whether `subscription` also delivers types beyond the five membership ones (`null`: every
+/// type): message updates then fill the events stream, use up MAX's 100 notifications a second
+/// and put message text into Redis.
+pub fn delivers_more(subscription: &Subscription) -> bool {
+    subscription.update_types.as_ref().is_none_or(|types| {
+        types
+            .iter()
+            .any(|t| !MEMBERSHIP_TYPES.contains(&t.as_str()))
+    })
+}
+
 /// One line per subscription: its URL, when it was made, its types.
 pub fn describe(subscriptions: &[Subscription]) -> String {
     if subscriptions.is_empty() {
@@ -52,6 +63,12 @@ pub fn describe(subscriptions: &[Subscription]) -> String {
             .as_ref()
             .map_or_else(|| "(all types)".to_owned(), |t| t.join(","));
         text.push_str(&format!("{}\t{time}\t{types}\n", s.url));
+        if delivers_more(s) {
+            text.push_str(&format!(
+                "  warning: {} also receives updates other than the membership types (message text reaches Redis); subscribe it again with `syncd subscribe --url … --replace`\n",
+                s.url
+            ));
+        }
     }
     text
 }
@@ -134,6 +151,7 @@ pub async fn watch(
 ) {
     let mut missing = false;
     let mut failing = false;
+    let mut too_broad = false;
     while !cancel.is_cancelled() {
         if limiter.acquire(Urgency::Lazy, &cancel).await.is_ok() {
             match max.subscriptions().await {
@@ -141,6 +159,12 @@ pub async fn watch(
                     failing = false;
                     let ok = listed.iter().any(|s| is_ours(s, None));
                     metrics.events_subscription_ok.set(i64::from(ok));
+                    let broad = listed.iter().any(delivers_more);
+                    if broad && !too_broad {
+                        tracing::warn!(subscriptions = %describe(&listed).trim_end(),
+                            "a webhook subscription delivers more than the membership types (logged once until it does not)");
+                    }
+                    too_broad = broad;
                     if !ok && !missing {
                         let listed = describe(&listed);
                         tracing::error!(subscriptions = %listed.trim_end(),
@@ -207,5 +231,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("user_added,user_removed"), "{text}");
+        assert!(!text.contains("warning"), "{text}");
+    }
+
+    #[test]
+    fn a_subscription_to_more_than_the_membership_types_is_warned_about() {
+        let mut types = MEMBERSHIP_TYPES.to_vec();
+        assert!(!delivers_more(&subscription(
+            "https://h/max/updates",
+            Some(&types)
+        )));
+        assert!(delivers_more(&subscription("https://h/max/updates", None)));
+        types.push("message_created");
+        let broad = subscription("https://h/max/updates", Some(&types));
+        assert!(delivers_more(&broad));
+        assert!(describe(&[broad]).contains("warning: https://h/max/updates also receives"));
     }
 }
