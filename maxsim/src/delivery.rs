@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::events::Outgoing;
-use crate::{admit_into, error, now_ms, too_many_requests, Simulator};
+use crate::{admit_into, error, now_ms, Simulator};
 
 /// A webhook subscription as `GET /subscriptions` shows it (the secret is never shown).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -348,14 +348,8 @@ pub(crate) async fn post_subscriptions(
     body: axum::body::Bytes,
 ) -> Response {
     let mut state = sim.lock();
-    state.stats.requests += 1;
-    if let Some(refused) = state.refuse_token(&headers) {
+    if let Some(refused) = state.refuse(&headers) {
         return refused;
-    }
-    let limit = state.config.rate_limit;
-    if !state.admit(limit) {
-        state.stats.rate_limited += 1;
-        return too_many_requests();
     }
     let bad = |message: &str| error(StatusCode::BAD_REQUEST, "proto.payload", message);
     let Ok(body) = serde_json::from_slice::<SubscribeBody>(&body) else {
@@ -392,14 +386,8 @@ pub(crate) async fn get_subscriptions(
 ) -> Response {
     {
         let mut state = sim.lock();
-        state.stats.requests += 1;
-        if let Some(refused) = state.refuse_token(&headers) {
+        if let Some(refused) = state.refuse(&headers) {
             return refused;
-        }
-        let limit = state.config.rate_limit;
-        if !state.admit(limit) {
-            state.stats.rate_limited += 1;
-            return too_many_requests();
         }
     }
     Json(json!({"subscriptions": sim.subscriptions()})).into_response()
@@ -416,14 +404,8 @@ pub(crate) async fn delete_subscriptions(
     Query(query): Query<UnsubscribeQuery>,
 ) -> Response {
     let mut state = sim.lock();
-    state.stats.requests += 1;
-    if let Some(refused) = state.refuse_token(&headers) {
+    if let Some(refused) = state.refuse(&headers) {
         return refused;
-    }
-    let limit = state.config.rate_limit;
-    if !state.admit(limit) {
-        state.stats.rate_limited += 1;
-        return too_many_requests();
     }
     let Some(url) = query.url else {
         return error(StatusCode::BAD_REQUEST, "proto.payload", "url is required");

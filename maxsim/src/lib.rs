@@ -378,6 +378,22 @@ impl State_ {
         Some(error(status, "verify.token", "Invalid access_token"))
     }
 
+    /// Counts a request of the bot API and answers it when MAX would refuse it before
+    /// looking at it: a token that is not the bot's, or the token's rate spent; `None` when
+    /// it may go on.
+    pub(crate) fn refuse(&mut self, headers: &HeaderMap) -> Option<Response> {
+        self.stats.requests += 1;
+        if let Some(refused) = self.refuse_token(headers) {
+            return Some(refused);
+        }
+        let limit = self.config.rate_limit;
+        if !self.admit(limit) {
+            self.stats.rate_limited += 1;
+            return Some(too_many_requests());
+        }
+        None
+    }
+
     /// Admits a request into the sliding one-second window unless `rate_limit` (0: none)
     /// requests are in it already.
     pub(crate) fn admit(&mut self, rate_limit: u32) -> bool {
